@@ -1,0 +1,845 @@
+"""Service definitions: load, validate and structure them from a services directory.
+
+What this module does
+---------------------
+A *service definition* tells the broker how to start the backend for one service
+name: its argv, its instance (private, shared or explicit), its version policy,
+whether connections are handed off, its idle timeout and extra environment. They
+live as one file per service in a *services directory*:
+
+``<name>.toml``
+    Human-edited TOML (stdlib :mod:`tomllib`), structured with a cattrs converter
+    into an attrs class. Keys::
+
+        service_name = "echo"                       # required; must equal <name>
+        command = ["{python}", "{services_dir}/../echo_backend.py"]   # required argv
+        handoff = true                              # default true
+        min_version = "1.0.0"                       # optional semver
+        version_allow_list = ["1.0.0", "1.1.0"]     # optional, exact matches
+        isolation = "private"                       # "private" | "shared" | "explicit"
+        explicit_instance = "ci-trusted"            # only (and required) with "explicit"
+        idle_timeout_secs = 300                     # default 30, must be > 0
+        env = { RUST_LOG = "info" }                 # extra environment, strings only
+
+    Unknown keys are an error. ``command[0]`` is an absolute path or a bare
+    executable name that is resolved on ``PATH`` when the file is loaded; a relative
+    path such as ``bin/echo`` is refused because its meaning would depend on the
+    broker's working directory. Two placeholders may appear in any ``command``
+    element and are substituted when the file is loaded: ``{python}`` (the Python
+    interpreter running the broker, :data:`sys.executable`) and ``{services_dir}``
+    (the absolute services directory). Write ``{{`` and ``}}`` for literal braces;
+    any other ``{...}`` is an error.
+
+``<name>.servicedef``
+    The raw protobuf bytes of ``running_process.broker.v1.ServiceDefinition`` (no
+    framing or header), as written by running-process tooling or
+    :func:`write_servicedef`. ``binary_path`` becomes a one-element ``command``;
+    ``labels`` are ignored; ``handoff`` is on and the idle timeout is the default.
+    ``per_version_binary_dir`` is checked (absolute if set) but not carried.
+
+When both files exist for a name, **the TOML file wins** and the ``.servicedef`` is
+not read at all.
+
+Every load re-checks the directory and re-reads the file, so an edit takes effect at
+the next Hello. Validation order: the requested name must match ``[a-z0-9-]{1,64}``
+before any path is formed (so ``../x`` can never name a file); then the directory
+must exist and grant nothing to group or others (``mode & 0o077 == 0``, following
+symlinks); then the file is read, structured and validated; the name the file
+declares must equal the name it was loaded as.
+
+Git does not record directory modes: a checked-out ``examples/services`` is usually
+0755 and will be refused until it is ``chmod 700``-ed (or copied into a private
+directory, e.g. by :func:`ensure_services_directory`).
+
+On Windows the group/other check relies on POSIX mode bits, which Windows does not
+have; there it is skipped (an ACL check is not implemented).
+
+What it does not do
+-------------------
+Spawn backends, cache definitions, or watch the directory for changes. Mapping a
+load failure onto a wire refusal is offered by :func:`refusal_for`; deciding when to
+load is the broker's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from rpbroker.errors import BrokerError
+from rpbroker.policy.hello import is_valid_semver, is_valid_service_name
+from rpbroker.wire.codes import BrokerIsolation, RefusalCode
+
+if TYPE_CHECKING:
+    from rpbroker.wire import ServiceDefinition
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT_SECS",
+    "InsecureServiceDirectory",
+    "InvalidServiceName",
+    "Isolation",
+    "LoadFailure",
+    "ServiceDefinitionError",
+    "ServiceDirectoryError",
+    "ServiceDirectoryMissing",
+    "ServiceDirectoryUnusable",
+    "ServiceLoadError",
+    "ServiceNotFound",
+    "ServiceSpec",
+    "ensure_services_directory",
+    "list_services",
+    "load_service",
+    "refusal_for",
+    "write_servicedef",
+]
+
+#: Idle timeout of a backend whose definition does not set one, seconds (SPEC §7).
+DEFAULT_IDLE_TIMEOUT_SECS: Final[float] = 30.0
+
+TOML_SUFFIX: Final[str] = ".toml"
+SERVICEDEF_SUFFIX: Final[str] = ".servicedef"
+
+# ---------------------------------------------------------------------------
+# Public values.
+# ---------------------------------------------------------------------------
+
+
+class Isolation(enum.Enum):
+    """Which broker instance a service's backends belong to."""
+
+    PRIVATE = "private"
+    SHARED = "shared"
+    EXPLICIT = "explicit"
+
+
+_FROM_WIRE_ISOLATION: Final[Mapping[BrokerIsolation, Isolation]] = {
+    BrokerIsolation.PRIVATE_BROKER: Isolation.PRIVATE,
+    BrokerIsolation.SHARED_BROKER: Isolation.SHARED,
+    BrokerIsolation.EXPLICIT_INSTANCE: Isolation.EXPLICIT,
+}
+_TO_WIRE_ISOLATION: Final[Mapping[Isolation, BrokerIsolation]] = {
+    v: k for k, v in _FROM_WIRE_ISOLATION.items()
+}
+
+
+def _freeze_env(value: Mapping[str, str]) -> Mapping[str, str]:
+    return types.MappingProxyType(dict(value))
+
+
+def _empty_env() -> Mapping[str, str]:
+    return types.MappingProxyType({})
+
+
+def _as_tuple(value: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class ServiceSpec:
+    """A validated service definition, as loaded from ``source``.
+
+    ``command`` is the backend argv with placeholders substituted and a bare
+    ``command[0]`` already resolved to an absolute path. ``env`` is read-only and is
+    left out of the hash (equality still compares it).
+    """
+
+    service_name: str
+    command: tuple[str, ...] = attrs.field(converter=_as_tuple)
+    handoff: bool = True
+    min_version: str | None = None
+    version_allow_list: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple)
+    isolation: Isolation = Isolation.PRIVATE
+    explicit_instance: str | None = None
+    idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT_SECS
+    env: Mapping[str, str] = attrs.field(factory=_empty_env, converter=_freeze_env, hash=False)
+    source: Path
+
+    @property
+    def instance_id(self) -> str:
+        """``"shared"``, ``"private:<service>"`` or ``"explicit:<instance>"``."""
+        match self.isolation:
+            case Isolation.SHARED:
+                return "shared"
+            case Isolation.PRIVATE:
+                return f"private:{self.service_name}"
+            case Isolation.EXPLICIT:
+                return f"explicit:{self.explicit_instance}"
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+# ---------------------------------------------------------------------------
+
+
+class LoadFailure(enum.Enum):
+    """How the broker should treat a :class:`ServiceLoadError` (see :func:`refusal_for`)."""
+
+    #: The requested name is not ``[a-z0-9-]{1,64}``: the peer sent something hostile.
+    INVALID_NAME = "invalid-name"
+    #: Neither ``<name>.toml`` nor ``<name>.servicedef`` exists.
+    NOT_FOUND = "not-found"
+    #: A definition (or the directory) exists but cannot be used.
+    UNLOADABLE = "unloadable"
+
+
+class ServiceLoadError(BrokerError):
+    """Base of every failure of :func:`load_service`; ``path`` is the file or directory."""
+
+    kind: ClassVar[LoadFailure] = LoadFailure.UNLOADABLE
+
+    def __init__(self, path: Path | None, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _short_repr(s: str, limit: int = 80) -> str:
+    r = repr(s)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+class InvalidServiceName(ServiceLoadError):
+    """The requested name is not ``[a-z0-9-]{1,64}``; no path was formed from it."""
+
+    kind: ClassVar[LoadFailure] = LoadFailure.INVALID_NAME
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            None,
+            f"invalid service name {_short_repr(name)}: use 1-64 characters from a-z, 0-9 and '-'",
+        )
+        self.name = name
+
+
+class ServiceNotFound(ServiceLoadError):
+    """Neither ``<name>.toml`` nor ``<name>.servicedef`` exists in ``directory``."""
+
+    kind: ClassVar[LoadFailure] = LoadFailure.NOT_FOUND
+
+    def __init__(self, directory: Path, name: str) -> None:
+        super().__init__(
+            directory,
+            f"no definition for service '{name}' in {directory} "
+            f"(looked for {name}{TOML_SUFFIX} and {name}{SERVICEDEF_SUFFIX})",
+        )
+        self.directory = directory
+        self.name = name
+
+
+class ServiceDefinitionError(ServiceLoadError):
+    """A definition file is unreadable or invalid.
+
+    ``field`` names the offending key (``None`` when the whole file is at fault, e.g.
+    a TOML syntax error); ``message`` says what is wrong and what is expected.
+    """
+
+    def __init__(self, path: Path, field: str | None, message: str) -> None:
+        where = f"field '{field}': " if field is not None else ""
+        super().__init__(path, f"{path}: {where}{message}")
+        self.field = field
+        self.message = message
+
+
+class ServiceDirectoryError(ServiceLoadError):
+    """The services directory itself cannot be used; the message names the fix."""
+
+    path: Path
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(path, message)
+
+
+class ServiceDirectoryMissing(ServiceDirectoryError):
+    """The services directory does not exist."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            path,
+            f"services directory {path} does not exist; create it with 'mkdir -m 700 {path}'",
+        )
+
+
+class ServiceDirectoryUnusable(ServiceDirectoryError):
+    """The services path exists but is not a directory, or cannot be examined."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(path, f"services directory {path} cannot be used: {reason}")
+        self.reason = reason
+
+
+class InsecureServiceDirectory(ServiceDirectoryError):
+    """The services directory grants some access to group or others."""
+
+    def __init__(self, path: Path, mode: int) -> None:
+        super().__init__(
+            path,
+            f"services directory {path} has mode {mode:04o}, which gives group or others "
+            f"access; definitions are only loaded from a private directory: "
+            f"run 'chmod 700 {path}'",
+        )
+        self.mode = mode
+
+
+def refusal_for(error: ServiceLoadError) -> tuple[RefusalCode, str]:
+    """The wire refusal (code, reason) a Hello gets when its service cannot be loaded."""
+    match error.kind:
+        case LoadFailure.INVALID_NAME:
+            return RefusalCode.PEER_REJECTED, "invalid service_name"
+        case LoadFailure.NOT_FOUND:
+            return RefusalCode.SERVICE_UNKNOWN, "service definition was not found"
+        case LoadFailure.UNLOADABLE:
+            return (
+                RefusalCode.SERVICE_UNKNOWN,
+                f"service definition could not be loaded: {error}",
+            )
+
+
+# ---------------------------------------------------------------------------
+# Directory.
+# ---------------------------------------------------------------------------
+
+
+def _absolute(directory: os.PathLike[str] | str) -> Path:
+    return Path(os.path.abspath(directory))
+
+
+def _check_directory(directory: Path) -> None:
+    """Refuse a missing, non-directory or group/other-accessible services directory."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise ServiceDirectoryMissing(directory) from None
+    except NotADirectoryError:
+        raise ServiceDirectoryUnusable(directory, "a parent is not a directory") from None
+    except OSError as exc:
+        raise ServiceDirectoryUnusable(directory, exc.strerror or str(exc)) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ServiceDirectoryUnusable(directory, "it is not a directory")
+    if os.name == "posix" and st.st_mode & 0o077:
+        raise InsecureServiceDirectory(directory, stat.S_IMODE(st.st_mode))
+
+
+def ensure_services_directory(path: os.PathLike[str] | str) -> Path:
+    """Create ``path`` (and parents) if needed and make it mode 0700; return it absolute.
+
+    An existing directory is tightened to 0700 as well.
+    """
+    directory = _absolute(path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    return directory
+
+
+# ---------------------------------------------------------------------------
+# TOML structuring.
+# ---------------------------------------------------------------------------
+
+
+@attrs.define
+class _TomlServiceFile:
+    """The exact shape of a ``<name>.toml`` file (before semantic validation)."""
+
+    service_name: str
+    command: list[str]
+    handoff: bool = True
+    min_version: str | None = None
+    version_allow_list: list[str] = attrs.Factory(list)
+    isolation: Isolation = Isolation.PRIVATE
+    explicit_instance: str | None = None
+    idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT_SECS
+    env: dict[str, str] = attrs.Factory(dict)
+
+
+_TOML_KEYS: Final[tuple[str, ...]] = tuple(a.name for a in attrs.fields(_TomlServiceFile))
+
+
+class _FieldProblem(Exception):
+    """Raised by the strict structure hooks; its text is the user-facing message."""
+
+
+def _toml_type(value: object) -> str:
+    """The TOML name of a parsed value's type, for messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return type(value).__name__
+
+
+def _structure_str(value: object, _: object) -> str:
+    if not isinstance(value, str):
+        raise _FieldProblem(f"expected a string (got {_toml_type(value)})")
+    return value
+
+
+def _structure_bool(value: object, _: object) -> bool:
+    if not isinstance(value, bool):
+        raise _FieldProblem(f"expected true or false (got {_toml_type(value)})")
+    return value
+
+
+def _structure_float(value: object, _: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _FieldProblem(f"expected a number (got {_toml_type(value)})")
+    return float(value)
+
+
+def _structure_str_list(value: object, _: object) -> list[str]:
+    expected = "expected a list of strings"
+    if not isinstance(value, list):
+        raise _FieldProblem(f"{expected} (got {_toml_type(value)})")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _FieldProblem(f"{expected} (item {index} is {_toml_type(item)})")
+    return list(value)
+
+
+def _structure_str_table(value: object, _: object) -> dict[str, str]:
+    expected = "expected a table of string values"
+    if not isinstance(value, dict):
+        raise _FieldProblem(f"{expected} (got {_toml_type(value)})")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise _FieldProblem(f"{expected} (value of {key!r} is {_toml_type(item)})")
+    return dict(value)
+
+
+def _structure_isolation(value: object, _: object) -> Isolation:
+    choices = ", ".join(f"'{i.value}'" for i in Isolation)
+    if not isinstance(value, str):
+        raise _FieldProblem(f"expected one of {choices} (got {_toml_type(value)})")
+    try:
+        return Isolation(value)
+    except ValueError:
+        raise _FieldProblem(f"expected one of {choices} (got {value!r})") from None
+
+
+def _is_type(expected: object) -> Callable[[Any], bool]:
+    return lambda t: bool(t == expected)
+
+
+def _make_converter() -> cattrs.Converter:
+    """A converter that never coerces: every TOML value must already have the right type."""
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook(bool, _structure_bool)
+    converter.register_structure_hook(float, _structure_float)
+    converter.register_structure_hook(Isolation, _structure_isolation)
+    converter.register_structure_hook_func(_is_type(list[str]), _structure_str_list)
+    converter.register_structure_hook_func(_is_type(dict[str, str]), _structure_str_table)
+    return converter
+
+
+_CONVERTER: Final = _make_converter()
+
+
+def _describe_structure_errors(path: Path, error: ClassValidationError) -> ServiceDefinitionError:
+    """Fold cattrs' exception group into one error naming the file and the field(s)."""
+    problems: list[tuple[str, str]] = []
+    with_notes, without_notes = error.group_exceptions()
+    for exc, note in with_notes:
+        if isinstance(exc, KeyError):
+            message = "required key is missing"
+        elif isinstance(exc, _FieldProblem):
+            message = str(exc)
+        else:  # pragma: no cover - the strict hooks above raise _FieldProblem
+            message = f"invalid value ({exc})"
+        problems.append((note.name, message))
+    problems.sort(key=lambda p: _TOML_KEYS.index(p[0]) if p[0] in _TOML_KEYS else len(_TOML_KEYS))
+    allowed = ", ".join(_TOML_KEYS)
+    for exc in without_notes:
+        if isinstance(exc, ForbiddenExtraKeysError):
+            for key in sorted(exc.extra_fields):
+                close = difflib.get_close_matches(key, _TOML_KEYS, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.append((key, f"unknown key ({hint}allowed keys: {allowed})"))
+        else:  # pragma: no cover - defensive
+            problems.append(("?", str(exc)))
+    field, message = problems[0]
+    if len(problems) > 1:
+        others = "; ".join(f"field '{f}': {m}" for f, m in problems[1:])
+        message = f"{message}; also {others}"
+    return ServiceDefinitionError(path, field, message)
+
+
+# ---------------------------------------------------------------------------
+# Placeholders and semantic validation (shared by both formats).
+# ---------------------------------------------------------------------------
+
+_PLACEHOLDER_RE: Final = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+def _expand_placeholders(arg: str, values: Mapping[str, str]) -> str:
+    """Substitute ``{name}`` from ``values``; ``{{``/``}}`` are literal braces."""
+
+    def replace(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "{{":
+            return "{"
+        if token == "}}":
+            return "}"
+        name = match.group(1)
+        if name is None:
+            raise _FieldProblem(
+                f"unmatched '{token}' in {arg!r} (write '{{{{' or '}}}}' for a literal brace)"
+            )
+        if name not in values:
+            known = ", ".join(f"{{{k}}}" for k in values)
+            raise _FieldProblem(
+                f"unknown placeholder '{{{name}}}' in {arg!r} (known: {known}; "
+                "write '{{' or '}}' for a literal brace)"
+            )
+        return values[name]
+
+    return _PLACEHOLDER_RE.sub(replace, arg)
+
+
+def _resolve_command(command: tuple[str, ...]) -> tuple[str, ...]:
+    """Check the argv shape and resolve a bare ``command[0]`` on PATH."""
+    if not command:
+        raise _FieldProblem("must be a non-empty list: the executable followed by its arguments")
+    for index, arg in enumerate(command):
+        if not arg:
+            raise _FieldProblem(f"command[{index}] must not be empty")
+        if "\0" in arg:
+            raise _FieldProblem(f"command[{index}] must not contain a NUL character")
+    program = command[0]
+    if os.path.isabs(program):
+        return command
+    if "/" in program or "\\" in program:
+        raise _FieldProblem(
+            f"command[0] {program!r} is a relative path; use an absolute path "
+            "or a bare executable name found on PATH"
+        )
+    found = shutil.which(program)
+    if found is None:
+        raise _FieldProblem(
+            f"command[0] {program!r} was not found on PATH; install it or use an absolute path"
+        )
+    return (os.path.abspath(found), *command[1:])
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise _FieldProblem(
+                f"environment variable name {key!r} must be non-empty "
+                "and contain neither '=' nor NUL"
+            )
+        if "\0" in value:
+            raise _FieldProblem(f"value of {key!r} must not contain a NUL character")
+
+
+@attrs.frozen(kw_only=True)
+class _Candidate:
+    """Fields of either format, before semantic validation."""
+
+    service_name: str
+    command: tuple[str, ...]
+    handoff: bool
+    min_version: str | None
+    version_allow_list: tuple[str, ...]
+    isolation: Isolation
+    explicit_instance: str | None
+    idle_timeout_secs: float
+    env: Mapping[str, str]
+
+
+def _validate(source: Path, requested: str, c: _Candidate) -> ServiceSpec:
+    """Apply the rules of facts §10 (plus argv/env/timeout rules) and build the spec."""
+
+    def fail(field: str, message: str) -> ServiceDefinitionError:
+        return ServiceDefinitionError(source, field, message)
+
+    if c.service_name != requested:
+        raise fail(
+            "service_name",
+            f"file declares {_short_repr(c.service_name)} but was loaded as '{requested}'",
+        )
+    if c.min_version is not None and not is_valid_semver(c.min_version):
+        raise fail(
+            "min_version",
+            f"{_short_repr(c.min_version)} is not a version like 1.2.3 or 1.2.3-rc.1",
+        )
+    for index, version in enumerate(c.version_allow_list):
+        if not is_valid_semver(version):
+            raise fail(
+                "version_allow_list",
+                f"item {index} {_short_repr(version)} is not a version like 1.2.3 or 1.2.3-rc.1",
+            )
+    explicit_instance = c.explicit_instance or None
+    if c.isolation is Isolation.EXPLICIT:
+        if explicit_instance is None:
+            raise fail(
+                "explicit_instance", "isolation 'explicit' requires an explicit_instance name"
+            )
+        if not is_valid_service_name(explicit_instance):
+            raise fail(
+                "explicit_instance",
+                f"{_short_repr(explicit_instance)} is not valid: "
+                "use 1-64 characters from a-z, 0-9 and '-'",
+            )
+    elif explicit_instance is not None:
+        raise fail(
+            "explicit_instance",
+            f"explicit_instance must be empty unless isolation is 'explicit' "
+            f"(isolation is '{c.isolation.value}')",
+        )
+    try:
+        command = _resolve_command(c.command)
+    except _FieldProblem as exc:
+        raise fail("command", str(exc)) from None
+    if not (math.isfinite(c.idle_timeout_secs) and c.idle_timeout_secs > 0):
+        raise fail(
+            "idle_timeout_secs",
+            f"must be a finite number of seconds greater than 0 (got {c.idle_timeout_secs!r})",
+        )
+    try:
+        _check_env(c.env)
+    except _FieldProblem as exc:
+        raise fail("env", str(exc)) from None
+    return ServiceSpec(
+        service_name=c.service_name,
+        command=command,
+        handoff=c.handoff,
+        min_version=c.min_version,
+        version_allow_list=c.version_allow_list,
+        isolation=c.isolation,
+        explicit_instance=explicit_instance,
+        idle_timeout_secs=c.idle_timeout_secs,
+        env=c.env,
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The two formats.
+# ---------------------------------------------------------------------------
+
+
+def _load_toml(path: Path, data: bytes, requested: str, directory: Path) -> ServiceSpec:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ServiceDefinitionError(
+            path, None, f"not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+        ) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib says "(at line N, column M)", or "(at end of document)" instead.
+        detail = str(exc)
+        if "at line" not in detail:
+            detail = f"{detail} (the file ends at line {max(1, len(text.splitlines()))})"
+        raise ServiceDefinitionError(path, None, f"invalid TOML: {detail}") from None
+    try:
+        raw = _CONVERTER.structure(document, _TomlServiceFile)
+    except ClassValidationError as exc:
+        raise _describe_structure_errors(path, exc) from None
+    placeholders = {"python": sys.executable, "services_dir": str(directory)}
+    try:
+        command = tuple(_expand_placeholders(arg, placeholders) for arg in raw.command)
+    except _FieldProblem as exc:
+        raise ServiceDefinitionError(path, "command", str(exc)) from None
+    return _validate(
+        path,
+        requested,
+        _Candidate(
+            service_name=raw.service_name,
+            command=command,
+            handoff=raw.handoff,
+            min_version=raw.min_version,
+            version_allow_list=tuple(raw.version_allow_list),
+            isolation=raw.isolation,
+            explicit_instance=raw.explicit_instance,
+            idle_timeout_secs=raw.idle_timeout_secs,
+            env=raw.env,
+        ),
+    )
+
+
+def _spec_from_servicedef(path: Path, definition: ServiceDefinition, requested: str) -> ServiceSpec:
+    binary_path = definition.binary_path
+    if not binary_path:
+        raise ServiceDefinitionError(path, "binary_path", "must not be empty")
+    if not os.path.isabs(binary_path):
+        raise ServiceDefinitionError(
+            path, "binary_path", f"{_short_repr(binary_path)} must be absolute"
+        )
+    per_version_dir = definition.per_version_binary_dir
+    if per_version_dir and not os.path.isabs(per_version_dir):
+        raise ServiceDefinitionError(
+            path, "per_version_binary_dir", f"{_short_repr(per_version_dir)} must be absolute"
+        )
+    try:
+        isolation = _FROM_WIRE_ISOLATION[BrokerIsolation(definition.isolation)]
+    except ValueError:
+        raise ServiceDefinitionError(
+            path, "isolation", f"unknown BrokerIsolation value {int(definition.isolation)}"
+        ) from None
+    return _validate(
+        path,
+        requested,
+        _Candidate(
+            service_name=definition.service_name,
+            command=(binary_path,),
+            handoff=True,
+            min_version=definition.min_version or None,
+            version_allow_list=tuple(definition.version_allow_list),
+            isolation=isolation,
+            explicit_instance=definition.explicit_instance or None,
+            idle_timeout_secs=DEFAULT_IDLE_TIMEOUT_SECS,
+            env={},
+        ),
+    )
+
+
+def _load_servicedef(path: Path, data: bytes, requested: str) -> ServiceSpec:
+    from google.protobuf.message import DecodeError
+
+    from rpbroker.wire import ServiceDefinition
+
+    definition = ServiceDefinition()
+    try:
+        definition.ParseFromString(data)
+    except DecodeError as exc:
+        raise ServiceDefinitionError(
+            path, None, f"not a valid ServiceDefinition protobuf ({exc})"
+        ) from None
+    return _spec_from_servicedef(path, definition, requested)
+
+
+def _read(path: Path) -> bytes | None:
+    """The file's bytes, or ``None`` when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ServiceDefinitionError(path, None, f"cannot be read: {exc.strerror or exc}") from exc
+
+
+# ---------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------
+
+
+def load_service(directory: os.PathLike[str] | str, name: str) -> ServiceSpec:
+    """Load and validate the definition of ``name`` from ``directory``, from disk, now.
+
+    Raises :class:`InvalidServiceName` before touching the filesystem when ``name`` is
+    not ``[a-z0-9-]{1,64}``; :class:`ServiceDirectoryError` subclasses for a missing,
+    unusable or insecure directory; :class:`ServiceNotFound` when neither file exists;
+    :class:`ServiceDefinitionError` for an unreadable or invalid file.
+    """
+    if not is_valid_service_name(name):
+        raise InvalidServiceName(name)
+    root = _absolute(directory)
+    _check_directory(root)
+    toml_path = root / f"{name}{TOML_SUFFIX}"
+    data = _read(toml_path)
+    if data is not None:
+        return _load_toml(toml_path, data, name, root)
+    servicedef_path = root / f"{name}{SERVICEDEF_SUFFIX}"
+    data = _read(servicedef_path)
+    if data is not None:
+        return _load_servicedef(servicedef_path, data, name)
+    raise ServiceNotFound(root, name)
+
+
+def list_services(directory: os.PathLike[str] | str) -> list[str]:
+    """Sorted names that have a ``<name>.toml`` or ``<name>.servicedef`` file.
+
+    Only the file names are looked at (the files are not validated); the directory
+    rule applies as for :func:`load_service`.
+    """
+    root = _absolute(directory)
+    _check_directory(root)
+    names: set[str] = set()
+    for entry in os.scandir(root):
+        for suffix in (TOML_SUFFIX, SERVICEDEF_SUFFIX):
+            stem = entry.name.removesuffix(suffix)
+            if stem != entry.name and is_valid_service_name(stem) and entry.is_file():
+                names.add(stem)
+    return sorted(names)
+
+
+def _to_servicedef(spec: ServiceSpec) -> ServiceDefinition:
+    from rpbroker.wire import ServiceDefinition
+
+    lost: list[str] = []
+    if len(spec.command) != 1:
+        lost.append("command arguments")
+    if not spec.handoff:
+        lost.append("handoff = false")
+    if spec.idle_timeout_secs != DEFAULT_IDLE_TIMEOUT_SECS:
+        lost.append("idle_timeout_secs")
+    if spec.env:
+        lost.append("env")
+    if lost:
+        raise ValueError(
+            f"service '{spec.service_name}' cannot be written as a .servicedef: "
+            f"the format has no place for {', '.join(lost)}"
+        )
+    return ServiceDefinition(
+        service_name=spec.service_name,
+        binary_path=spec.command[0],
+        isolation=_TO_WIRE_ISOLATION[spec.isolation].value,  # type: ignore[arg-type]
+        explicit_instance=spec.explicit_instance or "",
+        min_version=spec.min_version or "",
+        version_allow_list=list(spec.version_allow_list),
+    )
+
+
+def write_servicedef(
+    directory: os.PathLike[str] | str, spec_or_proto: ServiceSpec | ServiceDefinition
+) -> Path:
+    """Validate a definition and write it as ``<directory>/<name>.servicedef``.
+
+    The directory is created (0700) if needed; the file is replaced atomically and
+    is mode 0600. A :class:`ServiceSpec` must fit the format (one-element command,
+    handoff on, default idle timeout, no env) or ``ValueError`` is raised. Returns the
+    path written.
+    """
+    definition = (
+        _to_servicedef(spec_or_proto) if isinstance(spec_or_proto, ServiceSpec) else spec_or_proto
+    )
+    name = definition.service_name
+    if not is_valid_service_name(name):
+        raise InvalidServiceName(name)
+    root = ensure_services_directory(directory)
+    path = root / f"{name}{SERVICEDEF_SUFFIX}"
+    _spec_from_servicedef(path, definition, name)
+    data = definition.SerializeToString()
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
