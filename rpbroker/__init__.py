@@ -1,0 +1,53 @@
+"""rpbroker: a trio-native, local-IPC service broker speaking running-process broker v1.
+
+Embed a broker with ``open_broker`` / ``serve_broker``, connect to a service with
+``connect``, and write backends with ``rpbroker.backend.serve_backend``.
+"""
+
+from __future__ import annotations
+
+from rpbroker.broker import Broker, open_broker, serve_broker
+from rpbroker.client import BrokeredStream, Route, connect, open_connection
+from rpbroker.config import BrokerConfig
+from rpbroker.errors import (
+    BackendEnvironmentError,
+    BackendUnavailableError,
+    BrokerError,
+    BrokerProtocolError,
+    BrokerUnavailableError,
+    ConfigError,
+    ConnectTimeoutError,
+    RefusedError,
+)
+from rpbroker.events import EventKind, LifecycleEvent
+from rpbroker.policy.broadcast import BroadcastResult, Quiesce, QuiesceReason, ReleaseHandles
+from rpbroker.wire.codes import RefusalCode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendEnvironmentError",
+    "BackendUnavailableError",
+    "BroadcastResult",
+    "Broker",
+    "BrokerConfig",
+    "BrokerError",
+    "BrokerProtocolError",
+    "BrokerUnavailableError",
+    "BrokeredStream",
+    "ConfigError",
+    "ConnectTimeoutError",
+    "EventKind",
+    "LifecycleEvent",
+    "Quiesce",
+    "QuiesceReason",
+    "RefusalCode",
+    "RefusedError",
+    "ReleaseHandles",
+    "Route",
+    "__version__",
+    "connect",
+    "open_broker",
+    "open_connection",
+    "serve_broker",
+]

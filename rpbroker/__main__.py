@@ -1,0 +1,5 @@
+"""``python -m rpbroker``: the same as the ``rpbroker`` console command."""
+
+from rpbroker.cli import main
+
+raise SystemExit(main())

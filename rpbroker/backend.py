@@ -1,0 +1,421 @@
+"""Backend SDK: turn ``async def handle(stream)`` into a brokered service.
+
+What this module does: run inside a process the broker spawned. It reads the
+endpoint and control channel the broker provided, listens on the endpoint
+(reconnect route), adopts connections the broker hands off over the control
+channel (handoff route) after checking each offer (correlation id, token shape,
+token sent with the descriptor, absolute deadline, one use per token), writes the
+handoff-ready EVENT to the adopted client itself and only then acknowledges to the
+broker, answers the ``0xB232`` endpoint probe, reports activity, answers lifecycle
+broadcasts (release-handles calls a user hook; quiesce stops accepting, drains
+within a bound and returns), and returns when the broker goes away.
+
+What it does not do: speak the application protocol (that is the handler's job),
+or restart itself. Every connection is served by the same handler whichever route
+it came by; a handler's exception is logged and closes only that connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+import transports
+from rpbroker import control
+from rpbroker.errors import BackendEnvironmentError
+from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
+from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, parse_token
+from rpbroker.wire import DaemonProcess, Endpoint
+from rpbroker.wire.framing import MAX_FRAME_BYTES
+from rpbroker.wire.probe import PROBE_REQUEST_PREFIX, parse_probe_request, probe_reply_frame
+from rpbroker.wire.frames import MalformedMessage, decode_frame
+
+logger = logging.getLogger("rpbroker.backend")
+
+ENV_ENDPOINT = "RPBROKER_BACKEND_ENDPOINT"
+ENV_SERVICE_NAME = "RPBROKER_SERVICE_NAME"
+ENV_SERVICE_VERSION = "RPBROKER_SERVICE_VERSION"
+ENV_INSTANCE = "RPBROKER_INSTANCE"
+
+#: How long a quiesced backend lets live connections finish before cancelling them,
+#: seconds, when the broker's command carries no drain deadline.
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+#: Bound on writing the handoff-ready EVENT to an adopted client, seconds. The
+#: client's socket buffer is empty at that point, so this only trips for a peer
+#: that is gone or hostile.
+READY_WRITE_TIMEOUT_S = 1.0
+#: Consumed tokens remembered to refuse a replayed offer. Tokens are 128-bit random
+#: and expire at the broker after 30 s, so a bounded memory is enough.
+CONSUMED_TOKEN_MEMORY = 4096
+#: Length of a framed probe request: 5-byte header + 40-byte body.
+_PROBE_FRAME_BYTES = len(PROBE_REQUEST_PREFIX) + 32
+
+Handler = Callable[[trio.abc.Stream], Awaitable[None]]
+ReleaseHook = Callable[[str], Awaitable[None]]
+
+
+@attrs.frozen
+class BackendContext:
+    """What the broker told this backend through its environment."""
+
+    service_name: str
+    service_version: str
+    endpoint: str
+    instance: str
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> BackendContext:
+        missing = [
+            name for name in (ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION) if not environ.get(name)
+        ]
+        if missing or not environ.get(transports.CONTROL_CHANNEL_ENV):
+            missing.append(transports.CONTROL_CHANNEL_ENV)
+            raise BackendEnvironmentError(
+                "this process was not started by an rpbroker broker: missing "
+                + ", ".join(sorted(set(missing)))
+            )
+        return cls(
+            service_name=environ[ENV_SERVICE_NAME],
+            service_version=environ[ENV_SERVICE_VERSION],
+            endpoint=environ[ENV_ENDPOINT],
+            instance=environ.get(ENV_INSTANCE, ""),
+        )
+
+
+class _ProbeAwareStream(trio.abc.Stream):
+    """A reconnect-route stream that answers an endpoint probe instead of passing it on.
+
+    The first ``receive_some`` compares the incoming bytes with the fixed prefix of a
+    framed probe request. As soon as they diverge, every byte goes to the handler
+    unchanged; a complete probe is answered and the handler sees end-of-stream.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, identity: Callable[[], DaemonProcess]) -> None:
+        self._inner = inner
+        self._identity = identity
+        self._pending = b""
+        self._sniffed = False
+
+    async def _sniff(self) -> None:
+        self._sniffed = True
+        buf = b""
+        while len(buf) < _PROBE_FRAME_BYTES:
+            overlap = min(len(buf), len(PROBE_REQUEST_PREFIX))
+            if buf[:overlap] != PROBE_REQUEST_PREFIX[:overlap]:
+                break
+            chunk = await self._inner.receive_some(_PROBE_FRAME_BYTES - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+        if len(buf) == _PROBE_FRAME_BYTES and buf.startswith(PROBE_REQUEST_PREFIX):
+            try:
+                frame = decode_frame(buf[transports.FRAME_HEADER_BYTES :])
+                parse_probe_request(frame.payload)
+            except MalformedMessage:
+                self._pending = buf
+                return
+            await self._inner.send_all(probe_reply_frame(frame, self._identity()))
+            return
+        self._pending = buf
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._sniffed:
+            await self._sniff()
+        if self._pending:
+            size = len(self._pending) if max_bytes is None else max_bytes
+            data, self._pending = self._pending[:size], self._pending[size:]
+            return data
+        return bytes(await self._inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self._inner, trio.abc.HalfCloseableStream):
+            await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _Backend:
+    def __init__(
+        self,
+        ctx: BackendContext,
+        handler: Handler,
+        channel: transports.ControlChannel,
+        listener: transports.Listener,
+        on_release_handles: ReleaseHook | None,
+        drain_timeout_s: float,
+    ) -> None:
+        self.ctx = ctx
+        self.handler = handler
+        self.channel = channel
+        self.listener = listener
+        self.on_release_handles = on_release_handles
+        self.drain_timeout_s = drain_timeout_s
+        self.open_connections = 0
+        self.completed_connections = 0
+        self.started_at_ms = int(time.time() * 1000)
+        self._consumed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._activity = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._accept_scope = trio.CancelScope()
+        self._handlers: trio.Nursery | None = None
+
+    # -- identity ---------------------------------------------------------------
+
+    def identity(self) -> DaemonProcess:
+        return DaemonProcess(
+            pid=os.getpid(),
+            exe_path=sys.executable,
+            ipc_endpoint=Endpoint(namespace_id=self.ctx.instance, path=self.ctx.endpoint),
+            started_at_unix_ms=self.started_at_ms,
+        )
+
+    # -- connections --------------------------------------------------------------
+
+    def _start_handler(self, stream: trio.abc.Stream) -> None:
+        assert self._handlers is not None
+        self.open_connections += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._activity.set()
+        self._handlers.start_soon(self._run_handler, stream)
+
+    async def _run_handler(self, stream: trio.abc.Stream) -> None:
+        try:
+            async with stream:
+                await self.handler(stream)
+        except Exception:
+            logger.exception("handler failed; closing this connection only")
+        finally:
+            self.open_connections -= 1
+            self.completed_connections += 1
+            if self.open_connections == 0:
+                self._idle.set()
+            self._activity.set()
+
+    async def _accept_loop(self) -> None:
+        with self._accept_scope:
+            while True:
+                try:
+                    stream = await self.listener.accept()
+                except transports.FdExhaustedError:
+                    await trio.sleep(0.05)
+                    continue
+                self._start_handler(_ProbeAwareStream(stream, self.identity))
+
+    async def _report_activity(self) -> None:
+        while True:
+            await self._activity.wait()
+            self._activity = trio.Event()
+            await self.channel.send_message(
+                control.activity_message(self.open_connections, self.completed_connections)
+            )
+
+    # -- control channel -------------------------------------------------------------
+
+    async def _control_loop(self, done: trio.CancelScope) -> None:
+        try:
+            while True:
+                message = await self.channel.receive_message(MAX_FRAME_BYTES)
+                try:
+                    inbound = control.parse(message.framed)
+                except control.ControlMessageError as exc:
+                    logger.warning("ignoring control message: %s", exc)
+                    if message.passed is not None:
+                        await message.passed.stream.aclose()
+                    continue
+                if isinstance(inbound, control.OfferNotice):
+                    await self._on_offer(inbound, message.passed)
+                elif isinstance(inbound, control.BroadcastNotice):
+                    await self._on_broadcast(inbound, done)
+                elif message.passed is not None:
+                    await message.passed.stream.aclose()
+        except (transports.ChannelClosedError, transports.ChannelProtocolError) as exc:
+            logger.info("broker went away (%s); stopping", exc)
+            done.cancel()
+
+    async def _on_offer(
+        self, notice: control.OfferNotice, passed: transports.PassedConnection | None
+    ) -> None:
+        offer, frame = notice.offer, notice.frame
+        token_bytes = bytes(offer.token)
+        if passed is None:
+            passed = self.channel.adopt_handle_value(offer.handle_value, token_bytes)
+        detail = self._offer_problem(notice, passed)
+        if detail is None and passed is not None:
+            try:
+                with trio.fail_after(READY_WRITE_TIMEOUT_S):
+                    await passed.stream.send_all(
+                        control.handoff_ready_event(
+                            token=token_bytes,
+                            accepted=True,
+                            detail="",
+                            correlation_id=offer.correlation_id,
+                        )
+                    )
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                detail = "client connection failed while confirming the handoff"
+            else:
+                self._remember(token_bytes)
+                self._start_handler(passed.stream)
+                await self.channel.send_message(
+                    control.handoff_reply(
+                        token=token_bytes,
+                        accepted=True,
+                        detail="",
+                        correlation_id=offer.correlation_id,
+                    )
+                )
+                return
+        # Rejected: tell the client first (it falls back at once), then the broker.
+        if passed is not None:
+            with trio.move_on_after(READY_WRITE_TIMEOUT_S):
+                try:
+                    await passed.stream.send_all(
+                        control.handoff_ready_event(
+                            token=token_bytes,
+                            accepted=False,
+                            detail=detail or "",
+                            correlation_id=offer.correlation_id,
+                        )
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await passed.stream.aclose()
+        logger.info("refused handoff %d: %s", offer.correlation_id, detail)
+        await self.channel.send_message(
+            control.handoff_reply(
+                token=token_bytes,
+                accepted=False,
+                detail=detail or "refused",
+                correlation_id=offer.correlation_id,
+            )
+        )
+
+    def _offer_problem(
+        self, notice: control.OfferNotice, passed: transports.PassedConnection | None
+    ) -> str | None:
+        offer, frame = notice.offer, notice.frame
+        if frame.request_id != offer.correlation_id:
+            return "frame request_id does not match HandoffOffer correlation_id"
+        parsed = parse_token(bytes(offer.token))
+        if not isinstance(parsed, HandoffToken):
+            return parsed.detail
+        if passed is None:
+            return "no connection arrived with the offer"
+        if len(passed.token) != HANDOFF_TOKEN_BYTES or HandoffToken(passed.token) != parsed:
+            return "handoff token mismatch"
+        if bytes(offer.token) in self._consumed:
+            return "handoff token is not pending"
+        if frame.deadline_unix_ms and time.time() * 1000 >= frame.deadline_unix_ms:
+            return "handoff token expired"
+        if offer.service_name and offer.service_name != self.ctx.service_name:
+            return "offer names another service"
+        return None
+
+    def _remember(self, token: bytes) -> None:
+        self._consumed[token] = None
+        while len(self._consumed) > CONSUMED_TOKEN_MEMORY:
+            self._consumed.popitem(last=False)
+
+    async def _on_broadcast(self, notice: control.BroadcastNotice, done: trio.CancelScope) -> None:
+        op = notice.operation
+        if isinstance(op, ReleaseHandles):
+            failure: BroadcastFailure | None = None
+            detail = ""
+            if self.on_release_handles is not None:
+                try:
+                    await self.on_release_handles(op.path_prefix)
+                except Exception as exc:
+                    failure, detail = BroadcastFailure.BACKEND_ERROR, f"release hook failed: {exc}"
+            await self.channel.send_message(
+                control.broadcast_reply(notice.operation_id, failure, detail)
+            )
+            return
+        assert isinstance(op, Quiesce)
+        await self.channel.send_message(control.broadcast_reply(notice.operation_id, None))
+        drain = (
+            notice.drain_deadline_ms / 1000 if notice.drain_deadline_ms else self.drain_timeout_s
+        )
+        self._accept_scope.cancel()
+        await self.listener.aclose()
+        with trio.move_on_after(drain):
+            await self._idle.wait()
+        done.cancel()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[BackendContext]) -> None:
+        done = trio.CancelScope()
+        with done:
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                async with trio.open_nursery() as services:
+                    services.start_soon(self._accept_loop)
+                    services.start_soon(self._report_activity)
+                    services.start_soon(self._control_loop, done)
+                    await self.channel.send_message(
+                        control.ready_message(
+                            self.ctx.endpoint,
+                            os.getpid(),
+                            self.ctx.service_name,
+                            self.ctx.service_version,
+                        )
+                    )
+                    task_status.started(self.ctx)
+
+
+async def serve_backend(
+    handler: Handler,
+    *,
+    on_release_handles: ReleaseHook | None = None,
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    environ: Mapping[str, str] | None = None,
+    task_status: trio.TaskStatus[BackendContext] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` as the backend the broker spawned this process for.
+
+    Returns when the broker goes away, or after a quiesce broadcast once live
+    connections have drained (at most ``drain_timeout_s`` unless the broker's command
+    says otherwise). ``task_status.started`` reports the ``BackendContext`` once the
+    endpoint listens and the broker has been told.
+
+    Cancellation: cancelling it closes the listener, the control channel and every
+    live connection; no descriptor or task is left behind.
+    """
+    env = os.environ if environ is None else environ
+    ctx = BackendContext.from_environ(env)
+    channel = await transports.open_inherited_control_channel(environ)
+    try:
+        listener = await transports.open_listener(ctx.endpoint)
+        try:
+            backend = _Backend(ctx, handler, channel, listener, on_release_handles, drain_timeout_s)
+            await backend.run(task_status)
+        finally:
+            await listener.aclose()
+    finally:
+        await channel.aclose()
+
+
+def run_backend(handler: Handler, **kwargs: Any) -> None:
+    """Run ``serve_backend(handler, **kwargs)`` under ``trio.run`` (for backend scripts)."""
+    logging.basicConfig(
+        level=os.environ.get("RPBROKER_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s backend[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    trio.run(partial(serve_backend, handler, **kwargs))

@@ -1,0 +1,677 @@
+"""Backend supervision: the live registry, single-flight spawns, readiness and crash recovery.
+
+What this module does: owns every backend process the broker started. For a
+(instance, service, version) key it finds the running backend or starts exactly
+one spawn that concurrent Hellos share; the spawn runs as a child task of the
+broker, so a client that leaves cancels only its own wait. Each backend gets a
+fresh endpoint and a persistent control channel created before the spawn; a
+reader task dispatches the backend's messages (ready, activity, handoff ACKs,
+broadcast ACKs) and a waiter task notices its exit at once. An unexpected exit
+goes through the crash-recovery policy: one retry after the back-off with no
+client needed, then an honest "unavailable" until the window ends. Lifecycle
+broadcasts fan out concurrently, each bounded by its own ACK timeout.
+
+What it does not do: decide policy (``rpbroker.policy`` does, given ``now``),
+speak to clients, or choose the platform (``transports`` does).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import trio
+
+import transports
+from rpbroker import control
+from rpbroker.backend import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
+from rpbroker.config import BrokerConfig
+from rpbroker.events import EventKind, EventLog
+from rpbroker.policy.ack import BackendRef
+from rpbroker.policy.broadcast import (
+    BackendAcked,
+    BackendFailed,
+    BackendSkippedDead,
+    BackendTimedOut,
+    BroadcastCollector,
+    BroadcastFailure,
+    BroadcastOperation,
+    BroadcastOutcome,
+    BroadcastPolicy,
+    BroadcastResult,
+    Quiesce,
+    QuiesceReason,
+)
+from rpbroker.policy.hello import Refusal
+from rpbroker.policy.idle import IdleTracker
+from rpbroker.policy.recovery import CrashRecovery, MarkUnavailable, RetryAfterBackoff
+from rpbroker.policy.spawn_budget import (
+    BudgetExhausted,
+    SpawnBudget,
+    SpawnInProgress,
+    SpawnOutcome,
+)
+from rpbroker.policy.spawn_wait import (
+    DaemonExitedBeforeReady,
+    EndpointReady,
+    SpawnWaitPolicy,
+    SpawnWaitTimeout,
+)
+from rpbroker.services import ServiceSpec
+from rpbroker.wire.codes import RefusalCode
+from rpbroker.wire.framing import MAX_FRAME_BYTES
+
+logger = logging.getLogger("rpbroker.backends")
+
+#: retry_after for a failed spawn, ms (facts §5.6: 1000 ms).
+SPAWN_FAILED_RETRY_AFTER_MS = 1000
+#: Grace between SIGTERM and SIGKILL when a backend must be stopped without a quiesce, s.
+TERMINATE_GRACE_S = 1.0
+
+
+class BackendState(enum.Enum):
+    SPAWNING = "spawning"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class BackendKey:
+    """Identity of a backend in the registry."""
+
+    instance: str
+    service_name: str
+    service_version: str
+
+
+@attrs.define(eq=False)
+class BackendHandle:
+    """One backend incarnation and everything the broker holds for it."""
+
+    key: BackendKey
+    spec: ServiceSpec
+    endpoint: str
+    state: BackendState = BackendState.SPAWNING
+    process: transports.ChildProcess | None = None
+    channel: transports.ControlChannel | None = None
+    pid: int = 0
+    failure: str = ""
+    expected_exit: bool = False
+    adopted: bool = False
+    open_connections: int = 0
+    last_active_unix_ms: int = attrs.field(factory=lambda: int(time.time() * 1000))
+    settled: trio.Event = attrs.field(factory=trio.Event)
+    exited: trio.Event = attrs.field(factory=trio.Event)
+    ready: trio.Event = attrs.field(factory=trio.Event)
+    handoff_waiters: dict[int, trio.MemorySendChannel[control.HandoffReply]] = attrs.field(
+        factory=dict
+    )
+    broadcast_waiters: dict[int, trio.MemorySendChannel[control.BroadcastReply]] = attrs.field(
+        factory=dict
+    )
+
+    @property
+    def ref(self) -> BackendRef:
+        return BackendRef(service_name=self.key.service_name, pid=self.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and not self.exited.is_set()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "service_name": self.key.service_name,
+            "service_version": self.key.service_version,
+            "instance": self.key.instance,
+            "pid": self.pid,
+            "backend_pipe": self.endpoint,
+            "state": self.state.value,
+            "open_connections": self.open_connections,
+            "last_active_unix_ms": self.last_active_unix_ms,
+        }
+
+
+class BackendSupervisor:
+    """The registry of live backends and the tasks that keep it true.
+
+    All methods run in the broker's trio thread. ``run`` must be started with
+    ``nursery.start`` before any other method is used; it hosts the per-backend
+    tasks, so they outlive the Hello that caused them.
+    """
+
+    def __init__(self, config: BrokerConfig, events: EventLog) -> None:
+        self._config = config
+        self._events = events
+        self._backends: dict[BackendKey, BackendHandle] = {}
+        self._nursery: trio.Nursery | None = None
+        self._spawn_budget = SpawnBudget(config.spawn_attempts_per_window, config.spawn_window_s)
+        self._spawn_wait = SpawnWaitPolicy(ceiling_s=config.spawn_ready_timeout_s)
+        self._recovery = CrashRecovery(config.recovery_backoff_s, config.recovery_window_s)
+        self.idle = IdleTracker()
+        self._operation_ids = itertools.count(1)
+        self._stopping = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host backend tasks until cancelled; on the way out kill every backend.
+
+        Cancellation: this is how the supervisor ends. Every child process is
+        killed as a group and reaped, every control channel closed, inside a
+        shielded scope, so nothing outlives the broker.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._kill_all()
+
+    def _spawn_task(self, fn: object, *args: object) -> None:
+        if self._nursery is None:
+            raise RuntimeError("backend supervisor is not running")
+        self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+
+    async def _kill_all(self) -> None:
+        for handle in list(self._backends.values()):
+            handle.expected_exit = True
+            if handle.process is not None:
+                handle.process.kill_tree()
+        for handle in list(self._backends.values()):
+            await self._reap(handle)
+        self._backends.clear()
+
+    async def _reap(self, handle: BackendHandle) -> None:
+        if handle.process is not None and handle.process.returncode is None:
+            with trio.move_on_after(TERMINATE_GRACE_S * 5):
+                await handle.process.wait()
+        if handle.channel is not None:
+            await handle.channel.aclose()
+        _discard_endpoint(handle.endpoint)
+
+    # -- queries ------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[BackendHandle]:
+        return iter(list(self._backends.values()))
+
+    def get(self, key: BackendKey) -> BackendHandle | None:
+        return self._backends.get(key)
+
+    def spawn_budget_rows(self, now: float) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        for key in self._spawn_budget.keys():
+            snap = self._spawn_budget.snapshot(key, now)
+            assert isinstance(key, BackendKey)
+            rows.append(
+                {
+                    "broker_instance": key.instance,
+                    "service_name": key.service_name,
+                    "service_version": key.service_version,
+                    "attempts_used": snap.attempts_used,
+                    "remaining": snap.remaining,
+                    "in_flight": snap.in_flight,
+                    "retry_after_ms": None
+                    if snap.retry_after_s is None
+                    else int(snap.retry_after_s * 1000),
+                }
+            )
+        return rows
+
+    # -- find or start --------------------------------------------------------------
+
+    async def acquire(self, key: BackendKey, spec: ServiceSpec) -> BackendHandle | Refusal:
+        """Return the running backend for ``key``, starting one if needed.
+
+        Concurrent callers for the same key share one spawn. Returns a ``Refusal``
+        when the key is unavailable after crashes, the spawn budget is spent, or
+        the spawn failed.
+
+        Cancellation: cancelling this call abandons only the caller's wait; a
+        spawn in progress goes on for the other waiters (it runs in the
+        supervisor's nursery).
+        """
+        while True:
+            handle = self._backends.get(key)
+            if handle is not None and handle.state is BackendState.RUNNING:
+                return handle
+            if handle is not None and handle.state is BackendState.SPAWNING:
+                await handle.settled.wait()
+                settled = _state_of(handle)
+                if settled is BackendState.RUNNING:
+                    return handle
+                if settled is BackendState.FAILED:
+                    return _spawn_failed(handle.failure)
+                continue
+            if handle is not None:
+                # Draining or stopped but not yet removed: wait for it to leave.
+                await handle.exited.wait()
+                self._drop(handle)
+                continue
+            now = trio.current_time()
+            unavailable = self._recovery.unavailable(key, now)
+            if unavailable is not None:
+                return Refusal(
+                    RefusalCode.BACKEND_SPAWN_FAILED,
+                    "backend crashed twice within the recovery window and is unavailable",
+                    _ms(unavailable.retry_after_s),
+                )
+            decision = self._spawn_budget.try_begin(key, now)
+            if isinstance(decision, BudgetExhausted):
+                return Refusal(
+                    RefusalCode.RATE_LIMITED,
+                    "backend spawn budget exhausted",
+                    _ms(decision.retry_after_s),
+                )
+            if isinstance(decision, SpawnInProgress):  # pragma: no cover - guarded by the table
+                return Refusal(RefusalCode.RATE_LIMITED, "backend spawn already in progress", 1000)
+            handle = self._new_handle(key, spec)
+            self._spawn_task(self._run_backend, handle, True)
+
+    def _new_handle(self, key: BackendKey, spec: ServiceSpec) -> BackendHandle:
+        endpoint = transports.new_backend_endpoint(self._config.runtime_dir)
+        handle = BackendHandle(key=key, spec=spec, endpoint=endpoint)
+        self._backends[key] = handle
+        return handle
+
+    def _drop(self, handle: BackendHandle) -> None:
+        if self._backends.get(handle.key) is handle:
+            del self._backends[handle.key]
+        self.idle.remove(handle.key)
+
+    # -- one backend's life ----------------------------------------------------------
+
+    async def _run_backend(self, handle: BackendHandle, budgeted: bool) -> None:
+        key = handle.key
+        self._events.emit(
+            EventKind.SPAWNING,
+            service_name=key.service_name,
+            service_version=key.service_version,
+            endpoint=handle.endpoint,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                started = await self._start(handle, nursery)
+                if budgeted:
+                    self._spawn_budget.finish(
+                        key,
+                        SpawnOutcome.SUCCEEDED if started else SpawnOutcome.FAILED,
+                        trio.current_time(),
+                    )
+                handle.settled.set()
+                if not started:
+                    nursery.cancel_scope.cancel()
+                    return
+                handle.state = BackendState.RUNNING
+                self.idle.mark_activity(key, trio.current_time(), handle.spec.idle_timeout_secs)
+                self._events.emit(
+                    EventKind.RUNNING,
+                    service_name=key.service_name,
+                    service_version=key.service_version,
+                    pid=handle.pid,
+                    endpoint=handle.endpoint,
+                )
+                nursery.start_soon(self._verify_healthy, handle)
+                await handle.exited.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            handle.settled.set()
+            handle.exited.set()
+            self._fail_waiters(handle)
+            with trio.CancelScope(shield=True):
+                if handle.process is not None and handle.process.returncode is None:
+                    handle.process.kill_tree()
+                await self._reap(handle)
+        self._after_exit(handle)
+
+    async def _start(self, handle: BackendHandle, nursery: trio.Nursery) -> bool:
+        """Spawn the process and wait until it reports ready, exits, or the ceiling passes."""
+        key, spec = handle.key, handle.spec
+        channel, child = transports.open_control_pair()
+        handle.channel = channel
+        env = dict(os.environ)
+        env.update(self._config.backend_env)
+        env.update(spec.env)
+        env.update(child.env)
+        env.update(_backend_env(key, handle.endpoint, sys.executable))
+        try:
+            handle.process = await transports.spawn_child(spec.command, env, child)
+        except transports.SpawnError as exc:
+            return self._spawn_failure(handle, f"backend spawn failed: {exc}")
+        handle.pid = handle.process.pid
+        nursery.start_soon(self._wait_exit, handle)
+        nursery.start_soon(self._read_control, handle)
+        started_at = trio.current_time()
+        with trio.move_on_after(self._config.spawn_ready_timeout_s):
+            async with trio.open_nursery() as race:
+                race.start_soon(_set_then_cancel, handle.ready, race.cancel_scope)
+                race.start_soon(_set_then_cancel, handle.exited, race.cancel_scope)
+        decision = self._spawn_wait.decide(
+            elapsed_s=trio.current_time() - started_at,
+            daemon_alive=not handle.exited.is_set(),
+            endpoint_ready=handle.ready.is_set(),
+            attempt=0,
+        )
+        if isinstance(decision, EndpointReady):
+            return True
+        if isinstance(decision, DaemonExitedBeforeReady):
+            status = handle.process.returncode
+            return self._spawn_failure(
+                handle, f"backend spawn failed: exited with status {status} before becoming ready"
+            )
+        assert isinstance(decision, SpawnWaitTimeout | object)
+        handle.process.kill_tree()
+        return self._spawn_failure(
+            handle,
+            f"backend spawn failed: not ready within {self._config.spawn_ready_timeout_s:g} s",
+        )
+
+    def _spawn_failure(self, handle: BackendHandle, reason: str) -> bool:
+        handle.state = BackendState.FAILED
+        handle.failure = reason
+        handle.expected_exit = True
+        self._events.emit(
+            EventKind.SPAWN_FAILED,
+            service_name=handle.key.service_name,
+            service_version=handle.key.service_version,
+            pid=handle.pid,
+            reason=reason,
+        )
+        return False
+
+    async def _wait_exit(self, handle: BackendHandle) -> None:
+        assert handle.process is not None
+        await handle.process.wait()
+        handle.exited.set()
+
+    async def _read_control(self, handle: BackendHandle) -> None:
+        channel = handle.channel
+        assert channel is not None
+        try:
+            while True:
+                message = await channel.receive_message(MAX_FRAME_BYTES)
+                if message.passed is not None:
+                    await message.passed.stream.aclose()
+                try:
+                    inbound = control.parse(message.framed)
+                except control.ControlMessageError as exc:
+                    logger.warning("backend %s sent a bad control message: %s", handle.pid, exc)
+                    continue
+                self._dispatch(handle, inbound)
+        except (transports.ChannelClosedError, transports.ChannelProtocolError):
+            pass
+        finally:
+            self._fail_waiters(handle)
+
+    def _dispatch(self, handle: BackendHandle, inbound: control.Inbound) -> None:
+        if isinstance(inbound, control.ReadyNotice):
+            handle.ready.set()
+        elif isinstance(inbound, control.ActivityNotice):
+            handle.open_connections = inbound.open_connections
+            handle.last_active_unix_ms = int(time.time() * 1000)
+            if handle.state is BackendState.RUNNING:
+                self.idle.mark_activity(
+                    handle.key, trio.current_time(), handle.spec.idle_timeout_secs
+                )
+        elif isinstance(inbound, control.HandoffReply):
+            waiter = handle.handoff_waiters.pop(inbound.correlation_id, None)
+            if waiter is not None:
+                waiter.send_nowait(inbound)
+        elif isinstance(inbound, control.BroadcastReply):
+            reply_to = handle.broadcast_waiters.pop(inbound.operation_id, None)
+            if reply_to is not None:
+                reply_to.send_nowait(inbound)
+
+    def _fail_waiters(self, handle: BackendHandle) -> None:
+        for handoff_waiter in handle.handoff_waiters.values():
+            handoff_waiter.close()
+        handle.handoff_waiters.clear()
+        for broadcast_waiter in handle.broadcast_waiters.values():
+            broadcast_waiter.close()
+        handle.broadcast_waiters.clear()
+
+    async def _verify_healthy(self, handle: BackendHandle) -> None:
+        """A backend that stays up for a whole recovery window clears its crash record."""
+        await trio.sleep(self._config.recovery_window_s)
+        if handle.alive:
+            self._recovery.record_success(handle.key)
+
+    def _after_exit(self, handle: BackendHandle) -> None:
+        key = handle.key
+        self._drop(handle)
+        if handle.state is BackendState.FAILED:
+            return
+        status = handle.process.returncode if handle.process is not None else None
+        if handle.expected_exit or self._stopping:
+            handle.state = BackendState.STOPPED
+            self._events.emit(
+                EventKind.STOPPED,
+                service_name=key.service_name,
+                service_version=key.service_version,
+                pid=handle.pid,
+                status=status,
+            )
+            return
+        handle.state = BackendState.FAILED
+        decision = self._recovery.record_crash(key, trio.current_time())
+        self._events.emit(
+            EventKind.CRASHED,
+            service_name=key.service_name,
+            service_version=key.service_version,
+            pid=handle.pid,
+            reason=f"exited unexpectedly with status {status}",
+            status=status,
+        )
+        if isinstance(decision, RetryAfterBackoff):
+            self._spawn_task(self._respawn_after, key, handle.spec, decision.delay_s)
+        elif isinstance(decision, MarkUnavailable):
+            self._events.emit(
+                EventKind.UNAVAILABLE,
+                service_name=key.service_name,
+                service_version=key.service_version,
+                reason="crashed twice within the recovery window",
+                retry_after_ms=_ms(decision.retry_after_s),
+            )
+
+    async def _respawn_after(self, key: BackendKey, spec: ServiceSpec, delay_s: float) -> None:
+        self._events.emit(
+            EventKind.RETRYING,
+            service_name=key.service_name,
+            service_version=key.service_version,
+            delay_ms=_ms(delay_s),
+        )
+        await trio.sleep(delay_s)
+        if self._stopping or key in self._backends:
+            return
+        handle = self._new_handle(key, spec)
+        await self._run_backend(handle, False)
+
+    # -- broadcast ----------------------------------------------------------------------
+
+    async def broadcast(
+        self,
+        operation: BroadcastOperation,
+        *,
+        ack_timeout_s: float | None = None,
+        targets: list[BackendHandle] | None = None,
+        drain_deadline_ms: int = 0,
+    ) -> BroadcastResult:
+        """Send ``operation`` to every live backend (or ``targets``) concurrently.
+
+        Each backend is bounded by its own ACK timeout, so the whole call takes
+        about the slowest timeout, not the sum. Dead backends are skipped and
+        reported. A quiesce marks its targets as expected to exit.
+
+        Cancellation: cancelling abandons the outstanding waits; their waiter
+        slots are removed and late ACKs are ignored.
+        """
+        timeout = self._config.broadcast_ack_timeout_s if ack_timeout_s is None else ack_timeout_s
+        chosen = list(self) if targets is None else targets
+        collector = BroadcastCollector(operation, chosen, BroadcastPolicy(timeout))
+
+        async def one(handle: BackendHandle) -> None:
+            collector.record(await self._send_one(handle, operation, timeout, drain_deadline_ms))
+
+        async with trio.open_nursery() as nursery:
+            for handle in chosen:
+                nursery.start_soon(one, handle)
+        result = collector.result()
+        self._events.emit(EventKind.BROADCAST_RESULT, **result.to_json())
+        return result
+
+    async def _send_one(
+        self,
+        handle: BackendHandle,
+        operation: BroadcastOperation,
+        timeout_s: float,
+        drain_deadline_ms: int,
+    ) -> BroadcastOutcome:
+        ref = handle
+        channel = handle.channel
+        if not handle.alive or channel is None or handle.state is not BackendState.RUNNING:
+            return BackendSkippedDead(ref)
+        if isinstance(operation, Quiesce):
+            handle.expected_exit = True
+            handle.state = BackendState.DRAINING
+            self.idle.mark_draining(handle.key)
+            self._events.emit(
+                EventKind.DRAINING,
+                service_name=handle.key.service_name,
+                service_version=handle.key.service_version,
+                pid=handle.pid,
+                reason=operation.reason.value,
+            )
+        operation_id = next(self._operation_ids)
+        send, receive = trio.open_memory_channel[control.BroadcastReply](1)
+        handle.broadcast_waiters[operation_id] = send
+        try:
+            with trio.move_on_after(timeout_s):
+                try:
+                    await channel.send_message(
+                        control.broadcast_command(operation_id, operation, drain_deadline_ms)
+                    )
+                    reply = await receive.receive()
+                except (transports.TransportError, trio.EndOfChannel, trio.BrokenResourceError):
+                    if handle.exited.is_set():
+                        return BackendSkippedDead(ref)
+                    return BackendFailed(ref, BroadcastFailure.BACKEND_ERROR, "control channel failed")
+                if reply.failure is None:
+                    return BackendAcked(ref)
+                return BackendFailed(ref, reply.failure, reply.detail)
+            return BackendTimedOut(ref, timeout_s)
+        finally:
+            handle.broadcast_waiters.pop(operation_id, None)
+            receive.close()
+
+    async def quiesce_idle(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Quiesce backends idle past their timeout, for as long as the broker runs.
+
+        Sleeps until the idle tracker's next due time; activity pushes it back.
+        Cancellation: ends the loop; an in-flight quiesce broadcast is abandoned.
+        """
+        task_status.started()
+        while True:
+            due_at = self.idle.next_due_at()
+            if due_at is None:
+                await trio.sleep(1.0)
+                continue
+            await trio.sleep_until(due_at)
+            for due in self.idle.collect_due(trio.current_time()):
+                assert isinstance(due.key, BackendKey)
+                handle = self._backends.get(due.key)
+                if handle is None or handle.open_connections > 0:
+                    if handle is not None:
+                        self.idle.mark_activity(
+                            handle.key, trio.current_time(), handle.spec.idle_timeout_secs
+                        )
+                    continue
+                self._events.emit(
+                    EventKind.IDLE_QUIESCE,
+                    service_name=due.key.service_name,
+                    service_version=due.key.service_version,
+                    pid=handle.pid,
+                    idle_for_ms=_ms(due.idle_for_s),
+                )
+                self._spawn_task(self._quiesce_one, handle, QuiesceReason.IDLE_TIMEOUT)
+
+    async def _quiesce_one(self, handle: BackendHandle, reason: QuiesceReason) -> None:
+        await self.broadcast(Quiesce(reason), targets=[handle])
+        with trio.move_on_after(self._config.drain_timeout_s):
+            await handle.exited.wait()
+        if handle.process is not None and not handle.exited.is_set():
+            handle.process.kill_tree()
+
+    async def stop_all(self, drain_timeout_s: float) -> BroadcastResult:
+        """Quiesce every backend, wait up to ``drain_timeout_s`` for them to exit, then kill.
+
+        Cancellation: a cancelled stop leaves the remaining backends to ``run``'s
+        shielded cleanup, which kills them.
+        """
+        self._stopping = True
+        live = list(self)
+        result = await self.broadcast(
+            Quiesce(QuiesceReason.BROKER_SHUTDOWN),
+            drain_deadline_ms=int(drain_timeout_s * 1000),
+        )
+        with trio.move_on_after(drain_timeout_s):
+            for handle in live:
+                await handle.exited.wait()
+        for handle in live:
+            handle.expected_exit = True
+            if handle.process is not None and not handle.exited.is_set():
+                handle.process.kill_tree()
+        return result
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+
+def _state_of(handle: BackendHandle) -> BackendState:
+    """The handle's state now (a function, so type narrowing does not outlive an await)."""
+    return handle.state
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(round(seconds * 1000)))
+
+
+def _spawn_failed(reason: str) -> Refusal:
+    return Refusal(RefusalCode.BACKEND_SPAWN_FAILED, reason, SPAWN_FAILED_RETRY_AFTER_MS)
+
+
+def _backend_env(key: BackendKey, endpoint: str, python: str) -> dict[str, str]:
+    return {
+        ENV_ENDPOINT: endpoint,
+        ENV_SERVICE_NAME: key.service_name,
+        ENV_SERVICE_VERSION: key.service_version,
+        ENV_INSTANCE: key.instance,
+        # The reference launcher's names, for backends written against it.
+        "RUNNING_PROCESS_BROKER_V1_SERVICE_NAME": key.service_name,
+        "RUNNING_PROCESS_BROKER_V1_SERVICE_VERSION": key.service_version,
+        "RUNNING_PROCESS_BROKER_V1_BACKEND_PIPE": endpoint,
+        "RUNNING_PROCESS_BROKER_V1_INSTANCE": key.instance,
+    }
+
+
+def _discard_endpoint(endpoint: str) -> None:
+    """Remove a dead backend's endpoint file, if the platform has one."""
+    path = Path(endpoint)
+    if path.is_absolute():
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass

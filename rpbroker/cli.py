@@ -1,0 +1,162 @@
+"""The ``rpbroker`` command line: run a broker, query it, broadcast to its backends.
+
+What this module does: maps command-line flags onto ``BrokerConfig`` and runs a
+broker in the foreground (SIGINT/SIGTERM shut it down gracefully and remove the
+socket file), and sends admin verbs and broadcast requests to a running broker,
+printing the reply (JSON with ``--json`` where it applies) and exiting with the
+reply's exit code.
+
+What it does not do: daemonise, or read configuration files other than the
+service definitions the broker itself loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import trio
+
+from rpbroker.admin_client import admin_request, broadcast_request
+from rpbroker.broker import Broker, serve_broker
+from rpbroker.config import BrokerConfig
+from rpbroker.errors import BrokerError
+from rpbroker.policy.broadcast import BroadcastOperation, Quiesce, QuiesceReason, ReleaseHandles
+from rpbroker.wire.codes import AdminVerb
+
+_VERBS: dict[str, AdminVerb] = {
+    "status": AdminVerb.STATUS,
+    "dump": AdminVerb.DUMP,
+    "list-instances": AdminVerb.LIST_INSTANCES,
+    "healthz": AdminVerb.HEALTHZ,
+    "readyz": AdminVerb.READYZ,
+    "backend-health": AdminVerb.BACKEND_HEALTH,
+    "config": AdminVerb.CONFIG,
+    "diagnose": AdminVerb.DIAGNOSE,
+    "metrics": AdminVerb.METRICS,
+    "shutdown": AdminVerb.SHUTDOWN,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rpbroker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a broker in the foreground")
+    serve.add_argument("--socket", required=True, help="broker endpoint path")
+    serve.add_argument("--services", required=True, help="service definitions directory (mode 0700)")
+    serve.add_argument("--hello-timeout", type=float, default=30.0, metavar="SECONDS")
+    serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS")
+    serve.add_argument("--runtime-dir", default=None, help="where backend endpoints are created")
+    serve.add_argument("--no-handoff", action="store_true", help="always use the reconnect route")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    for name in _VERBS:
+        verb = sub.add_parser(name, help=f"admin {name}")
+        verb.add_argument("--socket", required=True)
+        verb.add_argument("--json", action="store_true", help="JSON output where it applies")
+        verb.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+        if name == "backend-health":
+            verb.add_argument("service", help="service name")
+        if name == "shutdown":
+            verb.add_argument("--drain-deadline-ms", type=int, default=0)
+
+    broadcast = sub.add_parser("broadcast", help="send a lifecycle broadcast to every backend")
+    ops = broadcast.add_subparsers(dest="operation", required=True)
+    quiesce = ops.add_parser("quiesce", help="stop, drain and exit every backend")
+    quiesce.add_argument("--reason", default="maintenance", choices=["maintenance", "idle-timeout", "broker-shutdown"])
+    release = ops.add_parser("release-handles", help="ask backends to release handles under PREFIX")
+    release.add_argument("prefix")
+    for op in (quiesce, release):
+        op.add_argument("--socket", required=True)
+        op.add_argument("--json", action="store_true")
+        op.add_argument("--ack-timeout", type=float, default=None, metavar="SECONDS")
+        op.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    return parser
+
+
+async def _serve(config: BrokerConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        broker: Broker = await nursery.start(serve_broker, config)
+        print(f"rpbroker: serving on {broker.socket_path}", file=sys.stderr, flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(
+                    f"rpbroker: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True
+                )
+                broker.request_shutdown()
+                break
+
+
+def _print_document(document: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(document, indent=2, sort_keys=True))
+        return
+    for key, value in document.items():
+        if isinstance(value, list | dict):
+            value = json.dumps(value, sort_keys=True)
+        print(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            logging.basicConfig(
+                level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+            config = BrokerConfig(
+                services_dir=args.services,
+                socket_path=args.socket,
+                runtime_dir=args.runtime_dir,
+                hello_timeout_s=args.hello_timeout,
+                drain_timeout_s=args.drain_timeout,
+                handoff_enabled=not args.no_handoff,
+            )
+            trio.run(_serve, config)
+            return 0
+        if args.command == "broadcast":
+            operation: BroadcastOperation
+            if args.operation == "quiesce":
+                operation = Quiesce(QuiesceReason(args.reason.replace("-", "_")))
+            else:
+                operation = ReleaseHandles(args.prefix)
+            document = trio.run(
+                partial(
+                    broadcast_request,
+                    args.socket,
+                    operation,
+                    ack_timeout_s=args.ack_timeout,
+                    timeout_s=args.timeout,
+                )
+            )
+            _print_document(document, args.json)
+            return 0 if not document.get("timeouts") and not document.get("failures") else 1
+        verb = _VERBS[args.command]
+        reply = trio.run(
+            partial(
+                admin_request,
+                args.socket,
+                verb,
+                json_output=args.json,
+                service_name=getattr(args, "service", ""),
+                drain_deadline_ms=getattr(args, "drain_deadline_ms", 0),
+                timeout_s=args.timeout,
+            )
+        )
+        body = reply.body
+        if args.json and reply.content_type == "application/json":
+            body = json.dumps(json.loads(body), indent=2, sort_keys=True) + "\n"
+        sys.stdout.write(body if body.endswith("\n") else body + "\n")
+        return int(reply.exit_code)
+    except BrokerError as exc:
+        print(f"rpbroker: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,347 @@
+"""Client: ``async with rpbroker.connect(service, version) as stream``.
+
+What this module does: gets the caller a trio stream to the backend of a
+service, by the best route available: Hello-skip (a cached backend endpoint for
+the exact same version answers), the handoff route (the broker passes this very
+connection to the backend, which confirms with a handoff-ready EVENT), or the
+reconnect route (connect to the negotiated ``backend_pipe``). ``initial_data`` is
+sent right behind the Hello so it waits in the socket for whichever process ends
+up owning the connection; on fallback it is re-sent on the reconnect route, so
+the caller never knows the difference. The handle-passing capability bit is set
+only when this client will adopt a handed-off connection.
+
+What it does not do: retry refusals (they raise ``RefusedError`` with the wire
+code and retry-after), or surface failures of the handoff optimisation (they
+fall back silently).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict, Unpack
+
+import trio
+
+import transports
+from rpbroker.errors import (
+    BackendUnavailableError,
+    BrokerProtocolError,
+    BrokerUnavailableError,
+    ConnectTimeoutError,
+    RefusedError,
+)
+from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
+from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
+from rpbroker.wire.frames import MalformedMessage, check_envelope, decode, decode_frame, encode, framed, request
+from rpbroker.wire.framing import MAX_FRAME_BYTES, FramingError, read_frame_body
+from rpbroker.wire.protocols import PayloadProtocol
+
+#: How long the client waits for the handoff-ready EVENT before reconnecting, s
+#: (facts §3.5: 2 s).
+DEFAULT_HANDOFF_READY_TIMEOUT_S = 2.0
+#: Overall bound on ``connect``, s (facts §4: 30 s).
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+#: ``Hello.client_lib_name``.
+CLIENT_LIB_NAME = "rpbroker"
+CLIENT_LIB_VERSION = "0.1.0"
+
+#: Backend endpoints learned from earlier negotiations, for Hello-skip:
+#: (broker endpoint, service, version) -> backend endpoint.
+_endpoint_cache: dict[tuple[str, str, str], str] = {}
+
+
+class Route(enum.Enum):
+    """How the stream reached the backend."""
+
+    HANDOFF = "handoff"
+    RECONNECT = "reconnect"
+    HELLO_SKIP = "hello-skip"
+
+
+class BrokeredStream(trio.abc.HalfCloseableStream):
+    """A stream to the backend, with the route that produced it."""
+
+    def __init__(
+        self,
+        inner: trio.abc.Stream,
+        route: Route,
+        endpoint: str,
+        negotiated: Negotiated | None,
+    ) -> None:
+        self._inner = inner
+        self.route = route
+        #: The backend endpoint (cached for Hello-skip).
+        self.endpoint = endpoint
+        #: The broker's reply, or ``None`` on the Hello-skip route.
+        self.negotiated = negotiated
+
+    @property
+    def connection_id(self) -> int:
+        return self.negotiated.connection_id if self.negotiated is not None else 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        if isinstance(self._inner, trio.abc.HalfCloseableStream):
+            await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def default_broker_endpoint() -> str:
+    """``$RPBROKER_SOCKET`` or the per-user shared broker endpoint."""
+    return os.environ.get("RPBROKER_SOCKET") or transports.broker_endpoint("shared")
+
+
+def forget_cached_endpoints() -> None:
+    """Drop every cached backend endpoint (Hello-skip starts from scratch)."""
+    _endpoint_cache.clear()
+
+
+def hello_frame(
+    service: str,
+    version: str,
+    *,
+    handoff: bool,
+    client_version: str = "",
+    keepalive_secs: int = 0,
+    request_id: int = 1,
+    deadline_unix_ms: int = 0,
+    traceparent: str = "",
+    tracestate: str = "",
+) -> bytes:
+    """The framed Hello this client sends."""
+    hello = Hello(
+        client_min_protocol=PROTOCOL_VERSION,
+        client_max_protocol=PROTOCOL_VERSION,
+        service_name=service,
+        wanted_version=version,
+        client_version=client_version,
+        client_capabilities=int(Capability.HANDLE_PASSING) if handoff else 0,
+        request_id="hello",
+        peer_pid=os.getpid(),
+        client_lib_name=CLIENT_LIB_NAME,
+        client_lib_version=CLIENT_LIB_VERSION,
+        client_keepalive_secs=keepalive_secs,
+    )
+    frame = request(
+        PayloadProtocol.CONTROL,
+        encode(hello),
+        request_id=request_id,
+        deadline_unix_ms=deadline_unix_ms,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )
+    return framed(frame)
+
+
+async def _read_reply(stream: trio.abc.Stream) -> Negotiated:
+    try:
+        body = await read_frame_body(stream, MAX_FRAME_BYTES)
+    except FramingError as exc:
+        raise BrokerUnavailableError(f"broker closed the connection without a reply ({exc})") from exc
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise BrokerUnavailableError(f"broker connection failed: {exc}") from exc
+    try:
+        frame = decode_frame(body)
+        fault = check_envelope(frame, kind=FrameKind.RESPONSE, payload_protocol=PayloadProtocol.CONTROL)
+        if fault is not None:
+            raise BrokerProtocolError(f"unexpected Hello response: {fault.name.lower()} mismatch")
+        reply = decode(HelloReply, frame.payload)
+    except MalformedMessage as exc:
+        raise BrokerProtocolError(f"undecodable Hello response: {exc}") from exc
+    which = reply.WhichOneof("result")
+    if which == "negotiated":
+        negotiated: Negotiated = reply.negotiated
+        return negotiated
+    if which == "refused":
+        try:
+            code = RefusalCode(reply.refused.code)
+        except ValueError:
+            code = RefusalCode.UNSPECIFIED
+        raise RefusedError(code, reply.refused.reason, reply.refused.retry_after_ms or None)
+    raise BrokerProtocolError("Hello response carries neither negotiated nor refused")
+
+
+async def _await_handoff_ready(stream: trio.abc.Stream, token: bytes, timeout_s: float) -> bool:
+    """Wait for the handoff-ready EVENT; ``True`` only for an accepted ACK with our token."""
+    with trio.move_on_after(timeout_s):
+        try:
+            body = await read_frame_body(stream, MAX_FRAME_BYTES)
+            frame: Frame = decode_frame(body)
+            if check_envelope(frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF):
+                return False
+            ack = decode(HandoffAck, frame.payload)
+        except (FramingError, MalformedMessage, trio.BrokenResourceError, OSError):
+            return False
+        return bytes(ack.token) == token and ack.accepted
+    return False
+
+
+async def _connect_backend(endpoint: str, initial_data: bytes) -> trio.abc.Stream:
+    try:
+        stream = await transports.connect(endpoint)
+    except transports.TransportError as exc:
+        raise BackendUnavailableError(f"backend endpoint {endpoint} is unreachable: {exc}") from exc
+    try:
+        if initial_data:
+            await stream.send_all(initial_data)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream
+
+
+async def open_connection(
+    service: str,
+    version: str,
+    *,
+    broker: str | None = None,
+    initial_data: bytes = b"",
+    handoff: bool = True,
+    hello_skip: bool = True,
+    handoff_ready_timeout_s: float = DEFAULT_HANDOFF_READY_TIMEOUT_S,
+    timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    client_version: str = "",
+    keepalive_secs: int = 0,
+    traceparent: str = "",
+    tracestate: str = "",
+) -> BrokeredStream:
+    """Return a stream to ``service`` at ``version``; the caller must close it.
+
+    Raises ``RefusedError`` (with the wire code and retry-after) when the broker
+    refuses, ``BrokerUnavailableError`` when no broker answers,
+    ``BackendUnavailableError`` when the negotiated endpoint cannot be reached, and
+    ``ConnectTimeoutError`` after ``timeout_s``.
+
+    Cancellation: a cancelled call closes every connection it opened; nothing is
+    left behind on the client side.
+    """
+    broker_path = broker or default_broker_endpoint()
+    cache_key = (broker_path, service, version)
+    try:
+        with trio.fail_after(timeout_s):
+            cached = _endpoint_cache.get(cache_key) if hello_skip else None
+            if cached is not None:
+                try:
+                    stream = await _connect_backend(cached, initial_data)
+                except BackendUnavailableError:
+                    _endpoint_cache.pop(cache_key, None)
+                else:
+                    return BrokeredStream(stream, Route.HELLO_SKIP, cached, None)
+            return await _negotiate(
+                broker_path,
+                cache_key,
+                hello_frame(
+                    service,
+                    version,
+                    handoff=handoff,
+                    client_version=client_version,
+                    keepalive_secs=keepalive_secs,
+                    deadline_unix_ms=int((time.time() + timeout_s) * 1000),
+                    traceparent=traceparent,
+                    tracestate=tracestate,
+                ),
+                initial_data=initial_data,
+                handoff=handoff,
+                handoff_ready_timeout_s=handoff_ready_timeout_s,
+            )
+    except trio.TooSlowError as exc:
+        raise ConnectTimeoutError(
+            f"no route to {service} {version} within {timeout_s:g} s"
+        ) from exc
+
+
+async def _negotiate(
+    broker_path: str,
+    cache_key: tuple[str, str, str],
+    hello: bytes,
+    *,
+    initial_data: bytes,
+    handoff: bool,
+    handoff_ready_timeout_s: float,
+) -> BrokeredStream:
+    try:
+        stream = await transports.connect(broker_path)
+    except transports.TransportError as exc:
+        raise BrokerUnavailableError(f"no broker at {broker_path}: {exc}") from exc
+    keep = False
+    try:
+        # The request rides right behind the Hello when the connection may be
+        # handed off; the broker reads exactly one frame and leaves it in place.
+        await stream.send_all(hello + initial_data if handoff else hello)
+        negotiated = await _read_reply(stream)
+        token = bytes(negotiated.handle_passed_token)
+        if (
+            handoff
+            and negotiated.server_capabilities & Capability.HANDLE_PASSING
+            and token
+            and await _await_handoff_ready(stream, token, handoff_ready_timeout_s)
+        ):
+            keep = True
+            _endpoint_cache[cache_key] = negotiated.backend_pipe
+            return BrokeredStream(stream, Route.HANDOFF, negotiated.backend_pipe, negotiated)
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise BrokerUnavailableError(f"broker connection failed: {exc}") from exc
+    finally:
+        if not keep:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+    if not negotiated.backend_pipe:
+        raise BrokerProtocolError("broker negotiated an empty backend_pipe")
+    backend = await _connect_backend(negotiated.backend_pipe, initial_data)
+    _endpoint_cache[cache_key] = negotiated.backend_pipe
+    return BrokeredStream(backend, Route.RECONNECT, negotiated.backend_pipe, negotiated)
+
+
+class ConnectOptions(TypedDict, total=False):
+    """The keyword options of ``open_connection`` and ``connect``."""
+
+    broker: str | None
+    initial_data: bytes
+    handoff: bool
+    hello_skip: bool
+    handoff_ready_timeout_s: float
+    timeout_s: float
+    client_version: str
+    keepalive_secs: int
+    traceparent: str
+    tracestate: str
+
+
+@asynccontextmanager
+async def connect(
+    service: str, version: str, **options: Unpack[ConnectOptions]
+) -> AsyncIterator[BrokeredStream]:
+    """``open_connection`` as an async context manager that closes the stream.
+
+    Accepts the same keyword options as ``open_connection``.
+    """
+    stream = await open_connection(service, version, **options)
+    async with stream:
+        yield stream
+
+
+__all__ = [
+    "BrokeredStream",
+    "ConnectOptions",
+    "Route",
+    "connect",
+    "default_broker_endpoint",
+    "forget_cached_endpoints",
+    "hello_frame",
+    "open_connection",
+]

@@ -1,0 +1,92 @@
+"""Broker configuration as one attrs class.
+
+What this module does: defines ``BrokerConfig``, every tunable of a broker with its
+default, unit and reason, validated at construction so a bad value fails with a
+message naming the field and the fix.
+
+What it does not do: read files or environment variables (the CLI maps its flags
+onto this class), or hold runtime state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from rpbroker.errors import ConfigError
+
+#: Absolute deadline for a new connection's first frame, seconds (facts §5.1: 30 s).
+DEFAULT_HELLO_TIMEOUT_S = 30.0
+#: How long a Hello may wait for its backend (spawn + readiness) when the frame carries
+#: no ``deadline_unix_ms``, seconds. Bounded separately from the read deadline.
+DEFAULT_HELLO_WAIT_TIMEOUT_S = 30.0
+#: Hard ceiling on a backend becoming ready after spawn, seconds (facts §6: 60 s).
+DEFAULT_SPAWN_READY_TIMEOUT_S = 60.0
+#: How long graceful shutdown lets backends drain before killing them, seconds (SPEC §7).
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+#: The absolute adoption deadline written into each HandoffOffer, seconds after the
+#: offer. Kept below the client's default 2 s handoff-ready wait so a backend can never
+#: adopt a connection whose client has already given up on the handoff route.
+DEFAULT_HANDOFF_ADOPT_WINDOW_S = 1.5
+#: Lifecycle events kept in memory for admin DUMP.
+DEFAULT_EVENT_LOG_SIZE = 512
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ConfigError(
+            f"BrokerConfig.{attribute.name} must be a positive number of seconds (got {value!r})"
+        )
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not (isinstance(value, int) and value > 0):
+        raise ConfigError(f"BrokerConfig.{attribute.name} must be a positive integer (got {value!r})")
+
+
+def _as_path(value: str | os.PathLike[str]) -> Path:
+    return Path(value)
+
+
+@attrs.frozen(kw_only=True)
+class BrokerConfig:
+    """Everything a broker needs to run.
+
+    ``services_dir`` holds ``<name>.toml`` / ``<name>.servicedef`` files and must be
+    private to the user (mode 0700). ``socket_path`` is the broker endpoint; ``None``
+    uses the per-user shared endpoint in the runtime directory. ``runtime_dir`` is
+    where backend endpoints are created; ``None`` uses the per-user runtime directory.
+    """
+
+    services_dir: Path = attrs.field(converter=_as_path)
+    socket_path: str | None = None
+    runtime_dir: Path | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_as_path)
+    )
+    hello_timeout_s: float = attrs.field(default=DEFAULT_HELLO_TIMEOUT_S, validator=_positive)
+    hello_wait_timeout_s: float = attrs.field(
+        default=DEFAULT_HELLO_WAIT_TIMEOUT_S, validator=_positive
+    )
+    spawn_ready_timeout_s: float = attrs.field(
+        default=DEFAULT_SPAWN_READY_TIMEOUT_S, validator=_positive
+    )
+    drain_timeout_s: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT_S, validator=_positive)
+    handoff_enabled: bool = True
+    handoff_adopt_window_s: float = attrs.field(
+        default=DEFAULT_HANDOFF_ADOPT_WINDOW_S, validator=_positive
+    )
+    ack_deadline_s: float = attrs.field(default=5.0, validator=_positive)
+    hello_rate_limit: int = attrs.field(default=256, validator=_positive_int)
+    hello_rate_window_s: float = attrs.field(default=1.0, validator=_positive)
+    spawn_attempts_per_window: int = attrs.field(default=3, validator=_positive_int)
+    spawn_window_s: float = attrs.field(default=30.0, validator=_positive)
+    recovery_backoff_s: float = attrs.field(default=0.25, validator=_positive)
+    recovery_window_s: float = attrs.field(default=30.0, validator=_positive)
+    broadcast_ack_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    idle_check_enabled: bool = True
+    event_log_size: int = attrs.field(default=DEFAULT_EVENT_LOG_SIZE, validator=_positive_int)
+    instance_name: str = "shared"
+    backend_env: dict[str, str] = attrs.field(factory=dict)
