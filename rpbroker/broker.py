@@ -131,6 +131,8 @@ class Broker:
         )
         self.started_at = time.time()
         self.connections_open = 0
+        self._no_connections = trio.Event()
+        self._no_connections.set()
         self._accepting = False
         self._stop_requested = trio.Event()
         self._stopping = trio.Event()
@@ -169,6 +171,14 @@ class Broker:
     ) -> BroadcastResult:
         """Send a lifecycle operation to every live backend; see ``BackendSupervisor.broadcast``."""
         return await self.backends.broadcast(operation, ack_timeout_s=ack_timeout_s)
+
+    async def wait_connections_closed(self) -> None:
+        """Wait until no client connection is being served by the broker itself.
+
+        Routed connections (handed off or reconnected) belong to backends and do
+        not count. Cancellation: just stops waiting.
+        """
+        await self._no_connections.wait()
 
     def status(self) -> dict[str, Any]:
         """The admin STATUS document (JSON-ready)."""
@@ -247,6 +257,8 @@ class Broker:
 
     async def _serve_connection(self, stream: trio.abc.Stream, accepted_at: float) -> None:
         self.connections_open += 1
+        if self._no_connections.is_set():
+            self._no_connections = trio.Event()
         try:
             try:
                 peer = transports.peer_identity(stream)
@@ -288,9 +300,11 @@ class Broker:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             logger.debug("connection ended: %s", exc)
         finally:
-            self.connections_open -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+            self.connections_open -= 1
+            if self.connections_open == 0:
+                self._no_connections.set()
 
     async def _read_first_frame(self, stream: trio.abc.Stream) -> Frame | Refusal | None:
         try:

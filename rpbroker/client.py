@@ -45,6 +45,9 @@ from rpbroker.wire.protocols import PayloadProtocol
 DEFAULT_HANDOFF_READY_TIMEOUT_S = 2.0
 #: Overall bound on ``connect``, s (facts §4: 30 s).
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
+#: Hellos sent before giving up when each negotiated backend turns out unreachable:
+#: one retry covers a backend that crashed mid-handoff and was respawned.
+NEGOTIATION_ATTEMPTS = 2
 #: ``Hello.client_lib_name``.
 CLIENT_LIB_NAME = "rpbroker"
 CLIENT_LIB_VERSION = "0.1.0"
@@ -242,23 +245,32 @@ async def open_connection(
                     _endpoint_cache.pop(cache_key, None)
                 else:
                     return BrokeredStream(stream, Route.HELLO_SKIP, cached, None)
-            return await _negotiate(
-                broker_path,
-                cache_key,
-                hello_frame(
-                    service,
-                    version,
-                    handoff=handoff,
-                    client_version=client_version,
-                    keepalive_secs=keepalive_secs,
-                    deadline_unix_ms=int((time.time() + timeout_s) * 1000),
-                    traceparent=traceparent,
-                    tracestate=tracestate,
-                ),
-                initial_data=initial_data,
+            hello = hello_frame(
+                service,
+                version,
                 handoff=handoff,
-                handoff_ready_timeout_s=handoff_ready_timeout_s,
+                client_version=client_version,
+                keepalive_secs=keepalive_secs,
+                deadline_unix_ms=int((time.time() + timeout_s) * 1000),
+                traceparent=traceparent,
+                tracestate=tracestate,
             )
+            for attempt in range(NEGOTIATION_ATTEMPTS):
+                try:
+                    return await _negotiate(
+                        broker_path,
+                        cache_key,
+                        hello,
+                        initial_data=initial_data,
+                        handoff=handoff,
+                        handoff_ready_timeout_s=handoff_ready_timeout_s,
+                    )
+                except BackendUnavailableError:
+                    # The negotiated backend died between the reply and our
+                    # connect; the broker knows by now and routes to its successor.
+                    if attempt + 1 == NEGOTIATION_ATTEMPTS:
+                        raise
+            raise AssertionError("unreachable")
     except trio.TooSlowError as exc:
         raise ConnectTimeoutError(
             f"no route to {service} {version} within {timeout_s:g} s"
