@@ -112,6 +112,8 @@ class BackendHandle:
     settled: trio.Event = attrs.field(factory=trio.Event)
     exited: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once the supervisor has fully processed the exit (events, recovery).
+    finished: trio.Event = attrs.field(factory=trio.Event)
     handoff_waiters: dict[int, trio.MemorySendChannel[control.HandoffReply]] = attrs.field(
         factory=dict
     )
@@ -327,13 +329,16 @@ class BackendSupervisor:
                 nursery.cancel_scope.cancel()
         finally:
             handle.settled.set()
-            handle.exited.set()
-            self._fail_waiters(handle)
             with trio.CancelScope(shield=True):
                 if handle.process is not None and handle.process.returncode is None:
+                    # Leaving while it runs (broker cancelled): we stop it ourselves.
+                    handle.expected_exit = True
                     handle.process.kill_tree()
                 await self._reap(handle)
-        self._after_exit(handle)
+                handle.exited.set()
+                self._fail_waiters(handle)
+                self._after_exit(handle)
+                handle.finished.set()
 
     async def _start(self, handle: BackendHandle, nursery: trio.Nursery) -> bool:
         """Spawn the process and wait until it reports ready, exits, or the ceiling passes."""
@@ -631,6 +636,8 @@ class BackendSupervisor:
             handle.expected_exit = True
             if handle.process is not None and not handle.exited.is_set():
                 handle.process.kill_tree()
+        for handle in live:
+            await handle.finished.wait()
         return result
 
 

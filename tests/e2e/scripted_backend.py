@@ -24,6 +24,7 @@ import trio
 
 import transports
 from rpbroker import control
+from rpbroker.policy.broadcast import Quiesce
 from rpbroker.backend import ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION, serve_backend
 from rpbroker.wire.framing import MAX_FRAME_BYTES
 
@@ -73,6 +74,9 @@ async def raw_backend() -> None:
             if not isinstance(inbound, control.OfferNotice):
                 if isinstance(inbound, control.BroadcastNotice):
                     await channel.send_message(control.broadcast_reply(inbound.operation_id, None))
+                    if isinstance(inbound.operation, Quiesce):
+                        nursery.cancel_scope.cancel()
+                        return
                 continue
             offer = inbound.offer
             passed = message.passed
