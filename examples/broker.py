@@ -51,12 +51,16 @@ async def main(socket: str | None, services: Path | None) -> None:
             print(f"broker listening on {broker.socket_path}", flush=True)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(print_events, broker)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        break
-                await broker.shutdown()
+                nursery.start_soon(shutdown_on_signal, broker)
+                # Ends on SIGINT/SIGTERM or an admin SHUTDOWN alike.
+                await broker.wait_stopped()
                 nursery.cancel_scope.cancel()
 
+
+async def shutdown_on_signal(broker: rpbroker.Broker) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            broker.request_shutdown()
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

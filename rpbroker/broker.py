@@ -172,6 +172,10 @@ class Broker:
         """Send a lifecycle operation to every live backend; see ``BackendSupervisor.broadcast``."""
         return await self.backends.broadcast(operation, ack_timeout_s=ack_timeout_s)
 
+    async def wait_stopped(self) -> None:
+        """Wait until the broker has stopped (after a shutdown by any means)."""
+        await self._stopped.wait()
+
     async def wait_connections_closed(self) -> None:
         """Wait until no client connection is being served by the broker itself.
 

@@ -85,13 +85,17 @@ async def _serve(config: BrokerConfig) -> None:
     async with trio.open_nursery() as nursery:
         broker: Broker = await nursery.start(serve_broker, config)
         print(f"rpbroker: serving on {broker.socket_path}", file=sys.stderr, flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                print(
-                    f"rpbroker: {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True
-                )
-                broker.request_shutdown()
-                break
+        nursery.start_soon(_shutdown_on_signal, broker)
+        await broker.wait_stopped()
+        nursery.cancel_scope.cancel()
+
+
+async def _shutdown_on_signal(broker: Broker) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            print(f"rpbroker: {name}: shutting down", file=sys.stderr, flush=True)
+            broker.request_shutdown()
 
 
 def _print_document(document: dict[str, Any], as_json: bool) -> None:
