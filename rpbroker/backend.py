@@ -32,6 +32,7 @@ import trio
 import transports
 from rpbroker import control
 from rpbroker.errors import BackendEnvironmentError
+from rpbroker.launcher import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
 from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
 from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, parse_token
 from rpbroker.wire import DaemonProcess, Endpoint
@@ -41,10 +42,6 @@ from rpbroker.wire.frames import MalformedMessage, decode_frame
 
 logger = logging.getLogger("rpbroker.backend")
 
-ENV_ENDPOINT = "RPBROKER_BACKEND_ENDPOINT"
-ENV_SERVICE_NAME = "RPBROKER_SERVICE_NAME"
-ENV_SERVICE_VERSION = "RPBROKER_SERVICE_VERSION"
-ENV_INSTANCE = "RPBROKER_INSTANCE"
 
 #: How long a quiesced backend lets live connections finish before cancelling them,
 #: seconds, when the broker's command carries no drain deadline.

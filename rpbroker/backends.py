@@ -20,8 +20,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +29,9 @@ import trio
 
 import transports
 from rpbroker import control
-from rpbroker.backend import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog
+from rpbroker.launcher import BackendLauncher, LaunchRequest, ProcessLauncher
 from rpbroker.policy.ack import BackendRef
 from rpbroker.policy.broadcast import (
     BackendAcked,
@@ -150,8 +148,11 @@ class BackendSupervisor:
     tasks, so they outlive the Hello that caused them.
     """
 
-    def __init__(self, config: BrokerConfig, events: EventLog) -> None:
+    def __init__(
+        self, config: BrokerConfig, events: EventLog, launcher: BackendLauncher | None = None
+    ) -> None:
         self._config = config
+        self._launcher: BackendLauncher = launcher or ProcessLauncher()
         self._events = events
         self._backends: dict[BackendKey, BackendHandle] = {}
         self._nursery: trio.Nursery | None = None
@@ -342,18 +343,20 @@ class BackendSupervisor:
 
     async def _start(self, handle: BackendHandle, nursery: trio.Nursery) -> bool:
         """Spawn the process and wait until it reports ready, exits, or the ceiling passes."""
-        key, spec = handle.key, handle.spec
-        channel, child = transports.open_control_pair()
-        handle.channel = channel
-        env = dict(os.environ)
-        env.update(self._config.backend_env)
-        env.update(spec.env)
-        env.update(child.env)
-        env.update(_backend_env(key, handle.endpoint, sys.executable))
+        key = handle.key
+        request = LaunchRequest(
+            service_name=key.service_name,
+            service_version=key.service_version,
+            instance=key.instance,
+            endpoint=handle.endpoint,
+            spec=handle.spec,
+            extra_env=self._config.backend_env,
+        )
         try:
-            handle.process = await transports.spawn_child(spec.command, env, child)
+            launched = await self._launcher.launch(request)
         except transports.SpawnError as exc:
             return self._spawn_failure(handle, f"backend spawn failed: {exc}")
+        handle.process, handle.channel = launched.process, launched.channel
         handle.pid = handle.process.pid
         nursery.start_soon(self._wait_exit, handle)
         nursery.start_soon(self._read_control, handle)
@@ -658,20 +661,6 @@ def _ms(seconds: float) -> int:
 
 def _spawn_failed(reason: str) -> Refusal:
     return Refusal(RefusalCode.BACKEND_SPAWN_FAILED, reason, SPAWN_FAILED_RETRY_AFTER_MS)
-
-
-def _backend_env(key: BackendKey, endpoint: str, python: str) -> dict[str, str]:
-    return {
-        ENV_ENDPOINT: endpoint,
-        ENV_SERVICE_NAME: key.service_name,
-        ENV_SERVICE_VERSION: key.service_version,
-        ENV_INSTANCE: key.instance,
-        # The reference launcher's names, for backends written against it.
-        "RUNNING_PROCESS_BROKER_V1_SERVICE_NAME": key.service_name,
-        "RUNNING_PROCESS_BROKER_V1_SERVICE_VERSION": key.service_version,
-        "RUNNING_PROCESS_BROKER_V1_BACKEND_PIPE": endpoint,
-        "RUNNING_PROCESS_BROKER_V1_INSTANCE": key.instance,
-    }
 
 
 def _discard_endpoint(endpoint: str) -> None:

@@ -19,6 +19,7 @@ specific (``transports``).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ from rpbroker import admin
 from rpbroker.backends import BackendHandle, BackendKey, BackendSupervisor
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog, LifecycleEvent
+from rpbroker.launcher import BackendLauncher
 from rpbroker.handoff import HandoffCoordinator, HandoffFellBack
 from rpbroker.metrics import BrokerMetrics
 from rpbroker.policy.broadcast import BroadcastOperation, BroadcastResult
@@ -116,11 +118,11 @@ class Broker:
     The methods are safe to call from any task of the broker's trio run.
     """
 
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, *, launcher: BackendLauncher | None = None) -> None:
         self.config = config
         self.events = EventLog(config.event_log_size)
         self.metrics = BrokerMetrics()
-        self.backends = BackendSupervisor(config, self.events)
+        self.backends = BackendSupervisor(config, self.events, launcher)
         self.handoff = HandoffCoordinator(config, self.events)
         self.fd_guard = FdPressureGuard()
         self._rate_limiter = HelloRateLimiter(config.hello_rate_limit, config.hello_rate_window_s)
@@ -508,18 +510,23 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 async def serve_broker(
-    config: BrokerConfig, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED
+    config: BrokerConfig,
+    *,
+    launcher: BackendLauncher | None = None,
+    task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a broker until it is shut down or cancelled; use with ``nursery.start``.
 
     ``task_status.started`` reports the ``Broker`` once its endpoint is bound and
     accepting. Cancellation: see ``Broker.serve``.
     """
-    await Broker(config).serve(task_status=task_status)
+    await Broker(config, launcher=launcher).serve(task_status=task_status)
 
 
 @asynccontextmanager
-async def open_broker(config: BrokerConfig) -> AsyncIterator[Broker]:
+async def open_broker(
+    config: BrokerConfig, *, launcher: BackendLauncher | None = None
+) -> AsyncIterator[Broker]:
     """Run a broker for the duration of the ``async with`` block.
 
     Leaving the block shuts the broker down gracefully; cancelling the
@@ -527,7 +534,9 @@ async def open_broker(config: BrokerConfig) -> AsyncIterator[Broker]:
     or child process is left behind.
     """
     async with trio.open_nursery() as nursery:
-        broker: Broker = await nursery.start(serve_broker, config)
+        broker: Broker = await nursery.start(
+            functools.partial(serve_broker, config, launcher=launcher)
+        )
         try:
             yield broker
         finally:

@@ -25,7 +25,8 @@ import trio
 import transports
 from rpbroker import control
 from rpbroker.policy.broadcast import Quiesce
-from rpbroker.backend import ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION, serve_backend
+from rpbroker.backend import serve_backend
+from rpbroker.launcher import ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
 from rpbroker.wire.framing import MAX_FRAME_BYTES
 
 MODE = os.environ.get("RPB_TEST_MODE", "echo")

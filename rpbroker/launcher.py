@@ -1,0 +1,91 @@
+"""How a backend comes to life: the launcher seam between the supervisor and the OS.
+
+What this module does: defines the ``BackendLauncher`` protocol the supervisor
+calls to start one backend (a process-like handle plus a connected control
+channel), and ``ProcessLauncher``, the real one: a fresh control channel created
+before the spawn, the broker's environment plus the service's, and a child that
+dies with the broker (``transports.spawn_child``).
+
+What it does not do: wait for readiness, restart anything, or decide anything;
+the supervisor does. ``rpbroker.testing`` provides an in-process launcher with the
+same protocol, so the whole broker can run under ``trio.testing.MockClock``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Protocol
+
+import attrs
+
+import transports
+from rpbroker.services import ServiceSpec
+
+ENV_ENDPOINT = "RPBROKER_BACKEND_ENDPOINT"
+ENV_SERVICE_NAME = "RPBROKER_SERVICE_NAME"
+ENV_SERVICE_VERSION = "RPBROKER_SERVICE_VERSION"
+ENV_INSTANCE = "RPBROKER_INSTANCE"
+
+
+@attrs.frozen
+class LaunchRequest:
+    """Everything needed to start one backend incarnation."""
+
+    service_name: str
+    service_version: str
+    instance: str
+    endpoint: str
+    spec: ServiceSpec
+    extra_env: Mapping[str, str] = attrs.field(factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        """The backend's variables: where to listen and what it serves."""
+        return {
+            ENV_ENDPOINT: self.endpoint,
+            ENV_SERVICE_NAME: self.service_name,
+            ENV_SERVICE_VERSION: self.service_version,
+            ENV_INSTANCE: self.instance,
+            # The reference launcher's names, for backends written against it.
+            "RUNNING_PROCESS_BROKER_V1_SERVICE_NAME": self.service_name,
+            "RUNNING_PROCESS_BROKER_V1_SERVICE_VERSION": self.service_version,
+            "RUNNING_PROCESS_BROKER_V1_BACKEND_PIPE": self.endpoint,
+            "RUNNING_PROCESS_BROKER_V1_INSTANCE": self.instance,
+        }
+
+
+@attrs.frozen
+class LaunchedBackend:
+    """A started backend: its process (or stand-in) and the broker's end of its channel."""
+
+    process: transports.ChildProcess
+    channel: transports.ControlChannel
+
+
+class BackendLauncher(Protocol):
+    async def launch(self, request: LaunchRequest) -> LaunchedBackend:
+        """Start one backend. Raises ``transports.SpawnError`` if it cannot start.
+
+        Cancellation: a cancelled launch leaves no process or channel behind.
+        """
+        ...
+
+
+class ProcessLauncher:
+    """Starts backends as real child processes with an inherited control channel."""
+
+    async def launch(self, request: LaunchRequest) -> LaunchedBackend:
+        channel, child = transports.open_control_pair()
+        env = dict(os.environ)
+        env.update(request.extra_env)
+        env.update(request.spec.env)
+        env.update(child.env)
+        env.update(request.environment())
+        env.setdefault("RPBROKER_PYTHON", sys.executable)
+        try:
+            process = await transports.spawn_child(request.spec.command, env, child)
+        except BaseException:
+            await channel.aclose()
+            raise
+        return LaunchedBackend(process=process, channel=channel)
