@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS")
     serve.add_argument("--runtime-dir", default=None, help="where backend endpoints are created")
     serve.add_argument("--no-handoff", action="store_true", help="always use the reconnect route")
+    serve.add_argument(
+        "--hello-rate-limit", type=int, default=256, metavar="N", help="Hellos per second per peer pid"
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     for name in _VERBS:
@@ -122,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 hello_timeout_s=args.hello_timeout,
                 drain_timeout_s=args.drain_timeout,
                 handoff_enabled=not args.no_handoff,
+                hello_rate_limit=args.hello_rate_limit,
             )
             trio.run(_serve, config)
             return 0

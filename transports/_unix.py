@@ -1,0 +1,75 @@
+"""The Unix transport: ``AF_UNIX`` sockets, ``SCM_RIGHTS``, ``SO_PEERCRED``, process groups.
+
+What this module does: gathers the Unix implementation of the transport contract
+(``transports._interface``) under the names ``transports/__init__.py`` imports.
+Each concept lives in its own module:
+
+- ``_unix_paths``: current user, runtime directory, private-directory check,
+  endpoint names and the ``sun_path`` limit;
+- ``_unix_listen`` / ``_unix_connect``: binding (with squatting refusal and stale
+  socket cleanup) and connecting;
+- ``_unix_peer``: peer credentials;
+- ``_unix_fdpass``: sending a descriptor with its token;
+- ``_unix_control``: the framed broker-to-backend socketpair;
+- ``_unix_spawn``: children in their own process group with a parent-death signal;
+- ``_unix_fds``: descriptor counting and closing helpers.
+
+What it does not do: anything on Windows (``transports._windows``), or speak
+protobuf, or apply policy.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import sys
+
+# Unix only. Asserting it before the other imports also makes mypy --platform win32
+# skip this module (the imports below are therefore not at the top: E402).
+assert sys.platform != "win32", "transports._unix is the Unix transport"
+
+
+from transports._unix_connect import connect
+from transports._unix_control import (
+    UnixChildControl,
+    UnixControlChannel,
+    open_control_pair,
+    open_inherited_control_channel,
+)
+from transports._unix_fds import open_fd_count
+from transports._unix_listen import UnixListener, open_listener
+from transports._unix_paths import (
+    SUN_PATH_MAX_BYTES,
+    broker_endpoint,
+    current_user,
+    new_backend_endpoint,
+    runtime_dir,
+    user_hash,
+    verify_private_dir,
+)
+from transports._unix_peer import peer_identity
+from transports._unix_spawn import UnixChildProcess, spawn_child
+
+#: Name of this transport, for logs and diagnostics.
+PLATFORM_NAME = "unix"
+
+__all__ = [
+    "PLATFORM_NAME",
+    "SUN_PATH_MAX_BYTES",
+    "UnixChildControl",
+    "UnixChildProcess",
+    "UnixControlChannel",
+    "UnixListener",
+    "broker_endpoint",
+    "connect",
+    "current_user",
+    "new_backend_endpoint",
+    "open_control_pair",
+    "open_fd_count",
+    "open_inherited_control_channel",
+    "open_listener",
+    "peer_identity",
+    "runtime_dir",
+    "spawn_child",
+    "user_hash",
+    "verify_private_dir",
+]

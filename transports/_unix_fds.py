@@ -1,0 +1,86 @@
+"""Small helpers for raw file descriptors on Unix.
+
+What this module does: counts the process's open descriptors (``open_fd_count``,
+used for fd-pressure decisions and leak tests), closes descriptors and sockets
+that trio may be watching without raising, and turns a raw descriptor received
+from another process into a ``trio.SocketStream``.
+
+What it does not do: decide when descriptors are scarce (the policy core does) or
+pass descriptors between processes (``_unix_fdpass`` does).
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import sys
+
+# Unix only. Asserting it before the other imports also makes mypy --platform win32
+# skip this module (the imports below are therefore not at the top: E402).
+assert sys.platform != "win32", "transports._unix_fds is part of the Unix transport"
+
+import contextlib
+import os
+import socket
+
+import trio
+
+#: Directories listing the calling process's descriptors: Linux procfs first, then
+#: the BSD/macOS fdescfs mount.
+_FD_DIRECTORIES = ("/proc/self/fd", "/dev/fd")
+
+
+def open_fd_count() -> int | None:
+    """Number of descriptors the process has open, or ``None`` when it cannot tell.
+
+    The descriptor used to list the directory is not counted.
+    """
+    for directory in _FD_DIRECTORIES:
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        # listdir holds one descriptor open on the directory while it reads it.
+        return max(len(entries) - 1, 0)
+    return None
+
+
+def _notify_closing(target: int | socket.socket) -> None:
+    """Wake trio tasks waiting on ``target`` before it is closed (no-op outside trio)."""
+    # Outside trio.run (RuntimeError) nobody can be waiting.
+    with contextlib.suppress(RuntimeError):
+        trio.lowlevel.notify_closing(target)
+
+
+def close_fd_quietly(fd: int) -> None:
+    """Close a raw descriptor, telling trio first; errors (already closed) are ignored."""
+    _notify_closing(fd)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def close_socket_quietly(sock: socket.socket) -> None:
+    """Close a stdlib socket, telling trio first. Idempotent."""
+    if sock.fileno() >= 0:
+        _notify_closing(sock)
+    sock.close()
+
+
+def stream_from_fd(fd: int) -> trio.SocketStream:
+    """Adopt a raw stream-socket descriptor as a nonblocking, close-on-exec trio stream.
+
+    Takes ownership of ``fd``: it is closed if it is not a stream socket (then
+    ``OSError`` or ``ValueError`` propagates).
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        close_fd_quietly(fd)
+        raise
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"descriptor {fd} is not a stream socket")
+        sock.set_inheritable(False)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    except BaseException:
+        sock.close()
+        raise
