@@ -28,6 +28,7 @@ from typing import Any
 
 import attrs
 import trio
+import trio.testing
 
 import transports
 from rpbroker import control
@@ -53,6 +54,12 @@ READY_WRITE_TIMEOUT_S = 1.0
 #: Consumed tokens remembered to refuse a replayed offer. Tokens are 128-bit random
 #: and expire at the broker after 30 s, so a bounded memory is enough.
 CONSUMED_TOKEN_MEMORY = 4096
+#: Longest an ACK waits for the backend to go idle before it is sent anyway, s.
+#: Far below the broker's 5 s ACK deadline.
+ACK_IDLE_WAIT_S = 0.05
+#: Minimum spacing of activity reports to the broker, seconds. Idle timeouts are
+#: tens of seconds, so a report a second is ample and costs nothing per connection.
+ACTIVITY_REPORT_INTERVAL_S = 1.0
 #: Length of a framed probe request: 5-byte header + 40-byte body.
 _PROBE_FRAME_BYTES = len(PROBE_REQUEST_PREFIX) + 32
 
@@ -172,6 +179,7 @@ class _Backend:
         self._idle.set()
         self._accept_scope = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
+        self._services: trio.Nursery | None = None
 
     # -- identity ---------------------------------------------------------------
 
@@ -216,12 +224,19 @@ class _Backend:
                 self._start_handler(_ProbeAwareStream(stream, self.identity))
 
     async def _report_activity(self) -> None:
+        """Tell the broker about connection activity, coalesced to one report per interval.
+
+        The broker marks activity itself whenever it routes a client here; these
+        reports only keep long-lived connections from looking idle, so they stay
+        off every connection's critical path.
+        """
         while True:
             await self._activity.wait()
             self._activity = trio.Event()
             await self.channel.send_message(
                 control.activity_message(self.open_connections, self.completed_connections)
             )
+            await trio.sleep(ACTIVITY_REPORT_INTERVAL_S)
 
     # -- control channel -------------------------------------------------------------
 
@@ -270,13 +285,17 @@ class _Backend:
             else:
                 self._remember(token_bytes)
                 self._start_handler(passed.stream)
-                await self.channel.send_message(
+                # The ACK is off the client's critical path: the handler task,
+                # started first, runs before this send.
+                assert self._services is not None
+                self._services.start_soon(
+                    self._send_when_idle,
                     control.handoff_reply(
                         token=token_bytes,
                         accepted=True,
                         detail="",
                         correlation_id=offer.correlation_id,
-                    )
+                    ),
                 )
                 return
         # Rejected: tell the client first (it falls back at once), then the broker.
@@ -325,6 +344,17 @@ class _Backend:
             return "offer names another service"
         return None
 
+    async def _send_when_idle(self, framed: bytes) -> None:
+        """Send a control message once this process has nothing more urgent to run.
+
+        Used for the HandoffAck: the adopted client's first exchange goes first, so
+        the ACK (and the broker's work on receiving it) never competes with it for
+        a CPU. Bounded, so a busy backend still ACKs well inside the deadline.
+        """
+        with trio.move_on_after(ACK_IDLE_WAIT_S):
+            await trio.testing.wait_all_tasks_blocked()
+        await self.channel.send_message(framed)
+
     def _remember(self, token: bytes) -> None:
         self._consumed[token] = None
         while len(self._consumed) > CONSUMED_TOKEN_MEMORY:
@@ -363,6 +393,7 @@ class _Backend:
             async with trio.open_nursery() as handlers:
                 self._handlers = handlers
                 async with trio.open_nursery() as services:
+                    self._services = services
                     services.start_soon(self._accept_loop)
                     services.start_soon(self._report_activity)
                     services.start_soon(self._control_loop, done)

@@ -212,6 +212,17 @@ class BackendSupervisor:
     def get(self, key: BackendKey) -> BackendHandle | None:
         return self._backends.get(key)
 
+    def running(self, key: BackendKey) -> BackendHandle | None:
+        """The running backend for ``key``, if any (no waiting)."""
+        handle = self._backends.get(key)
+        return handle if handle is not None and handle.state is BackendState.RUNNING else None
+
+    def note_routed(self, handle: BackendHandle, now: float) -> None:
+        """A client is being routed to ``handle``: that is activity for idle tracking."""
+        handle.last_active_unix_ms = int(time.time() * 1000)
+        if handle.state is BackendState.RUNNING:
+            self.idle.mark_activity(handle.key, now, handle.spec.idle_timeout_secs)
+
     def spawn_budget_rows(self, now: float) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
         for key in self._spawn_budget.keys():

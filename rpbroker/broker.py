@@ -56,8 +56,8 @@ from rpbroker.services import (
     InvalidServiceName,
     ServiceLoadError,
     ServiceNotFound,
+    ServiceCatalog,
     ServiceSpec,
-    load_service,
 )
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
 from rpbroker.wire._pb.broker_v1_pb2 import ErrorCode
@@ -125,6 +125,7 @@ class Broker:
         self.backends = BackendSupervisor(config, self.events, launcher)
         self.handoff = HandoffCoordinator(config, self.events)
         self.fd_guard = FdPressureGuard()
+        self._catalog = ServiceCatalog(config.services_dir)
         self._rate_limiter = HelloRateLimiter(config.hello_rate_limit, config.hello_rate_window_s)
         self._connection_ids = itertools.count(1)
         self._user = transports.current_user()
@@ -412,7 +413,7 @@ class Broker:
 
     def _load_service(self, name: str) -> ServiceSpec | Refusal:
         try:
-            return load_service(self.config.services_dir, name)
+            return self._catalog.load(name)
         except InvalidServiceName:
             return Refusal(RefusalCode.PEER_REJECTED, "invalid service_name")
         except ServiceNotFound:
@@ -424,6 +425,9 @@ class Broker:
 
     async def _acquire(self, key: BackendKey, spec: ServiceSpec, frame: Frame) -> BackendHandle | Refusal:
         """Wait for the backend under the Hello's own deadline, or until shutdown begins."""
+        running = self.backends.running(key)
+        if running is not None:
+            return running
         if frame.deadline_unix_ms:
             remaining = frame.deadline_unix_ms / 1000 - time.time()
         else:
@@ -455,6 +459,7 @@ class Broker:
     ) -> None:
         now = trio.current_time()
         connection_id = next(self._connection_ids)
+        self.backends.note_routed(backend, now)
         opted_in = bool(hello.client_capabilities & Capability.HANDLE_PASSING)
         token = None
         if opted_in:
@@ -474,13 +479,10 @@ class Broker:
         )
         reply = response_frame(frame, PayloadProtocol.CONTROL, encode(HelloReply(negotiated=negotiated)))
         self.metrics.hello(hello.service_name, hello.wanted_version, "negotiated", trio.current_time() - started)
-        if not await self._send(stream, reply):
-            if token is not None:
-                self.handoff.abandon(token)
-            return
         if token is None:
+            await self._send(stream, reply)
             return
-        outcome = await self.handoff.attempt(stream, backend, token, connection_id)
+        outcome = await self.handoff.attempt(stream, backend, token, connection_id, reply)
         if isinstance(outcome, HandoffFellBack) and not outcome.fd_reached_backend:
             # The connection never left the broker: tell the client now so it falls
             # back at once instead of waiting for its handoff-ready timeout.

@@ -37,7 +37,14 @@ from rpbroker.errors import (
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
 from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
 from rpbroker.wire.frames import MalformedMessage, check_envelope, decode, decode_frame, encode, framed, request
-from rpbroker.wire.framing import MAX_FRAME_BYTES, FramingError, read_frame_body
+from rpbroker.wire.framing import (
+    FRAME_HEADER_BYTES,
+    MAX_FRAME_BYTES,
+    FrameStage,
+    FramingError,
+    TruncatedFrame,
+    parse_header,
+)
 from rpbroker.wire.protocols import PayloadProtocol
 
 #: How long the client waits for the handoff-ready EVENT before reconnecting, s
@@ -74,8 +81,11 @@ class BrokeredStream(trio.abc.HalfCloseableStream):
         route: Route,
         endpoint: str,
         negotiated: Negotiated | None,
+        prefix: bytes = b"",
     ) -> None:
         self._inner = inner
+        # Backend bytes that arrived together with the broker's frames.
+        self._prefix = prefix
         self.route = route
         #: The backend endpoint (cached for Hello-skip).
         self.endpoint = endpoint
@@ -93,6 +103,11 @@ class BrokeredStream(trio.abc.HalfCloseableStream):
         await self._inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
         return await self._inner.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
@@ -150,9 +165,43 @@ def hello_frame(
     return framed(frame)
 
 
-async def _read_reply(stream: trio.abc.Stream) -> Negotiated:
+class _FrameReader:
+    """Reads whole frames from the broker connection, keeping what follows them.
+
+    Everything after the Negotiated reply on this connection is for the client
+    (the handoff-ready EVENT, then the backend's bytes), so unlike the broker the
+    client may read ahead; ``rest`` hands the surplus to the stream it returns.
+    """
+
+    #: Read size, bytes: a reply, an EVENT and a first backend message fit easily.
+    CHUNK = 65536
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def read_body(self) -> bytes:
+        while True:
+            if len(self._buffer) >= FRAME_HEADER_BYTES:
+                length = parse_header(bytes(self._buffer[:FRAME_HEADER_BYTES]), MAX_FRAME_BYTES)
+                end = FRAME_HEADER_BYTES + length
+                if len(self._buffer) >= end:
+                    body = bytes(self._buffer[FRAME_HEADER_BYTES:end])
+                    del self._buffer[:end]
+                    return body
+            chunk = await self._stream.receive_some(self.CHUNK)
+            if not chunk:
+                stage = FrameStage.BODY if len(self._buffer) >= FRAME_HEADER_BYTES else FrameStage.LENGTH
+                raise TruncatedFrame(stage, len(self._buffer), FRAME_HEADER_BYTES, 0)
+            self._buffer += chunk
+
+    def rest(self) -> bytes:
+        return bytes(self._buffer)
+
+
+async def _read_reply(reader: _FrameReader) -> Negotiated:
     try:
-        body = await read_frame_body(stream, MAX_FRAME_BYTES)
+        body = await reader.read_body()
     except FramingError as exc:
         raise BrokerUnavailableError(f"broker closed the connection without a reply ({exc})") from exc
     except (trio.BrokenResourceError, OSError) as exc:
@@ -178,11 +227,11 @@ async def _read_reply(stream: trio.abc.Stream) -> Negotiated:
     raise BrokerProtocolError("Hello response carries neither negotiated nor refused")
 
 
-async def _await_handoff_ready(stream: trio.abc.Stream, token: bytes, timeout_s: float) -> bool:
+async def _await_handoff_ready(reader: _FrameReader, token: bytes, timeout_s: float) -> bool:
     """Wait for the handoff-ready EVENT; ``True`` only for an accepted ACK with our token."""
     with trio.move_on_after(timeout_s):
         try:
-            body = await read_frame_body(stream, MAX_FRAME_BYTES)
+            body = await reader.read_body()
             frame: Frame = decode_frame(body)
             if check_envelope(frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF):
                 return False
@@ -295,17 +344,20 @@ async def _negotiate(
         # The request rides right behind the Hello when the connection may be
         # handed off; the broker reads exactly one frame and leaves it in place.
         await stream.send_all(hello + initial_data if handoff else hello)
-        negotiated = await _read_reply(stream)
+        reader = _FrameReader(stream)
+        negotiated = await _read_reply(reader)
         token = bytes(negotiated.handle_passed_token)
         if (
             handoff
             and negotiated.server_capabilities & Capability.HANDLE_PASSING
             and token
-            and await _await_handoff_ready(stream, token, handoff_ready_timeout_s)
+            and await _await_handoff_ready(reader, token, handoff_ready_timeout_s)
         ):
             keep = True
             _endpoint_cache[cache_key] = negotiated.backend_pipe
-            return BrokeredStream(stream, Route.HANDOFF, negotiated.backend_pipe, negotiated)
+            return BrokeredStream(
+                stream, Route.HANDOFF, negotiated.backend_pipe, negotiated, reader.rest()
+            )
     except (trio.BrokenResourceError, OSError) as exc:
         raise BrokerUnavailableError(f"broker connection failed: {exc}") from exc
     finally:

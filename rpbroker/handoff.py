@@ -118,12 +118,17 @@ class HandoffCoordinator:
         backend: BackendHandle,
         token: HandoffToken,
         correlation_id: int,
+        reply_frame: bytes,
     ) -> HandoffOutcome:
-        """Run one handoff attempt for an already-negotiated client connection.
+        """Reply to the client, then pass its connection to the backend and await the ACK.
 
-        The caller keeps its copy of ``client`` and closes it afterwards in every
-        case; if the outcome says the connection never reached the backend, the
-        caller may tell the client with a refusal EVENT first.
+        ``reply_frame`` (the framed Negotiated) is written on the connection by the
+        transport immediately before the connection is passed, in the same
+        scheduler slice when no buffer is full: nothing sits between the client
+        getting its reply and the backend getting the connection. The caller keeps
+        its copy of ``client`` and closes it afterwards in every case; if the
+        outcome says the connection never reached the backend (and the reply was
+        written), the caller may tell the client with a refusal EVENT first.
 
         Cancellation: the attempt runs in its own nursery; cancelling it (client
         gone, broker shutting down) abandons it exactly like a failure: the token is
@@ -133,7 +138,7 @@ class HandoffCoordinator:
         outcome: HandoffOutcome | None = None
         try:
             async with trio.open_nursery() as nursery:
-                outcome = await self._run(client, backend, token, correlation_id)
+                outcome = await self._run(client, backend, token, correlation_id, reply_frame)
                 nursery.cancel_scope.cancel()
             return outcome
         finally:
@@ -167,6 +172,7 @@ class HandoffCoordinator:
         backend: BackendHandle,
         token: HandoffToken,
         correlation_id: int,
+        reply_frame: bytes,
     ) -> HandoffOutcome:
         channel = backend.channel
         deadline = self.acks.deadline_of(token)
@@ -193,8 +199,18 @@ class HandoffCoordinator:
                 )
 
             try:
-                receipt = await channel.pass_connection_then_send(  # type: ignore[attr-defined]
-                    client, token.raw, build_offer
+                with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                    receipt = await channel.pass_connection_then_send(
+                        client, token.raw, build_offer, preface=reply_frame
+                    )
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                return HandoffFellBack(
+                    HandoffStage.SEND,
+                    FallbackReason.BACKEND_ACK_TIMEOUT,
+                    f"the reply or the connection could not be sent: {exc or 'timed out'}",
+                    # Conservative: the reply may be half written, so nobody may
+                    # write to this connection any more.
+                    fd_reached_backend=True,
                 )
             except transports.ConnectionPassError as exc:
                 reason = (

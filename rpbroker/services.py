@@ -79,6 +79,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
+
+import transports
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
@@ -330,7 +332,7 @@ def _check_directory(directory: Path) -> None:
         raise ServiceDirectoryUnusable(directory, exc.strerror or str(exc)) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise ServiceDirectoryUnusable(directory, "it is not a directory")
-    if os.name == "posix" and st.st_mode & 0o077:
+    if not transports.mode_is_private(st.st_mode):
         raise InsecureServiceDirectory(directory, stat.S_IMODE(st.st_mode))
 
 
@@ -768,6 +770,49 @@ def load_service(directory: os.PathLike[str] | str, name: str) -> ServiceSpec:
     if data is not None:
         return _load_servicedef(servicedef_path, data, name)
     raise ServiceNotFound(root, name)
+
+
+class ServiceCatalog:
+    """``load_service`` for a broker: checked on every call, parsed only when changed.
+
+    Every ``load`` applies the directory rule and stats the definition file, so an
+    edit, a replacement or a removal is seen by the very next Hello, exactly as with
+    ``load_service``. Only when the file's identity (inode, size, change and
+    modification times in ns) is unchanged is the previously validated spec reused
+    instead of parsing the same bytes again. Failures are never cached.
+    """
+
+    def __init__(self, directory: os.PathLike[str] | str) -> None:
+        self._root = _absolute(directory)
+        self._cache: dict[str, tuple[tuple[int, ...], ServiceSpec]] = {}
+
+    @property
+    def directory(self) -> Path:
+        return self._root
+
+    def load(self, name: str) -> ServiceSpec:
+        if not is_valid_service_name(name):
+            raise InvalidServiceName(name)
+        _check_directory(self._root)
+        signature = _file_signature(self._root / f"{name}{TOML_SUFFIX}") or _file_signature(
+            self._root / f"{name}{SERVICEDEF_SUFFIX}"
+        )
+        cached = self._cache.get(name)
+        if signature is not None and cached is not None and cached[0] == signature:
+            return cached[1]
+        self._cache.pop(name, None)
+        spec = load_service(self._root, name)
+        if signature is not None:
+            self._cache[name] = (signature, spec)
+        return spec
+
+
+def _file_signature(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def list_services(directory: os.PathLike[str] | str) -> list[str]:

@@ -17,7 +17,7 @@ reads their 5-byte header to find message boundaries.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
@@ -213,6 +213,26 @@ class ControlChannel(Protocol):
         connection's fd in ``SCM_RIGHTS``. Windows: ``OpenProcess`` +
         ``DuplicateHandle`` into the peer process. The caller keeps its own copy
         and must close it. Raises ``ConnectionPassError``.
+        """
+        ...
+
+    async def pass_connection_then_send(
+        self,
+        connection: trio.abc.Stream,
+        token: bytes,
+        build_framed: Callable[[PassReceipt], bytes],
+        *,
+        preface: bytes = b"",
+    ) -> PassReceipt:
+        """Write ``preface`` on ``connection``, pass it with ``token``, then send one frame.
+
+        The frame is built from the receipt (Windows needs the duplicated handle
+        value in the offer) and is sent with no other sender in between, so the
+        receiver pairs it with the passed connection. ``preface`` precedes anything
+        the receiver writes on the connection. Raises ``trio.BrokenResourceError``
+        if the preface cannot be written (nothing passed) and
+        ``ConnectionPassError`` for any later failure (with
+        ``fd_may_have_reached_backend`` set once the connection has left).
         """
         ...
 

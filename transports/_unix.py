@@ -44,6 +44,7 @@ from transports._unix_paths import (
     new_backend_endpoint,
     runtime_dir,
     user_hash,
+    mode_is_private,
     verify_private_dir,
 )
 from transports._unix_peer import peer_identity
@@ -71,5 +72,6 @@ __all__ = [
     "runtime_dir",
     "spawn_child",
     "user_hash",
+    "mode_is_private",
     "verify_private_dir",
 ]

@@ -56,6 +56,7 @@ from transports._unix_fdpass import (
     connection_fd,
     fds_from_ancillary,
     send_fd_with_token,
+    write_all_to_fd,
 )
 from transports._unix_fds import close_fd_quietly, close_socket_quietly, stream_from_fd
 from transports._unix_peer import socket_peer_identity
@@ -162,33 +163,50 @@ class UnixControlChannel:
         connection: trio.abc.Stream,
         token: bytes,
         framed: bytes | Callable[[PassReceipt], bytes],
+        *,
+        preface: bytes = b"",
     ) -> PassReceipt:
-        """Pass ``connection`` with ``token``, then send a frame, with no sender in between.
+        """Write ``preface`` on ``connection``, pass it with ``token``, then send a frame.
 
         This is how a handoff offer must be sent: the receiver pairs the passed
-        descriptor with the frame that follows it. ``framed`` is the frame, or a
-        function building it from the ``PassReceipt`` (so platform-neutral code can
-        put ``handle_value`` in the offer). Raises ``ValueError`` for a bad token or
-        a bad ``framed`` bytes argument (nothing sent) and ``ConnectionPassError``
-        otherwise; once the descriptor went out, any failure to send the frame
-        (including a malformed built frame) is ``ConnectionPassError`` with
+        descriptor with the frame that follows it, and nothing else is sent on the
+        channel in between. ``preface`` (the broker's reply to the client) is
+        written on the connection itself before it leaves, so it precedes anything
+        the receiver writes there. ``framed`` is the frame, or a function building
+        it from the ``PassReceipt`` (so platform-neutral code can put
+        ``handle_value`` in the offer). When no buffer is full the three writes
+        happen in one scheduler slice, with a single checkpoint at the end.
+
+        Raises ``ValueError`` for a bad token or a bad ``framed`` bytes argument
+        (nothing sent); ``trio.BrokenResourceError`` if the preface cannot be
+        written (nothing passed); ``ConnectionPassError`` otherwise. Once the
+        descriptor went out, any failure to send the frame (including a malformed
+        built frame) is ``ConnectionPassError`` with
         ``fd_may_have_reached_backend=True`` (``BACKEND_UNAVAILABLE`` when the
         channel is gone, ``FAILED`` for a malformed frame). Exceptions raised by
         the builder propagate unchanged.
 
-        Cancellation: as ``pass_connection``, then as ``send_message``. A
-        cancellation between the two leaves an unpaired token packet; the
-        receiver closes its descriptor when another token packet follows, or
-        returns it with the next frame, whose token will not match (receivers
-        must close a passed connection that does not come with the matching
-        offer).
+        Cancellation: safe while waiting to write the preface or for channel buffer
+        space (nothing passed). A cancellation between the pass and the frame
+        leaves an unpaired token packet; the receiver closes its descriptor when
+        another token packet follows, or returns it with the next frame, whose
+        token will not match (receivers must close a passed connection that does
+        not come with the matching offer).
         """
         check_token(token)
         if isinstance(framed, bytes):
             _check_frame(framed)
         fd = connection_fd(connection)
-        async with self._send_lock:
-            receipt = await self._pass_locked(fd, token)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if preface:
+            await write_all_to_fd(fd, preface)
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            receipt = await self._pass_locked(fd, token, final_checkpoint=False)
             frame = framed if isinstance(framed, bytes) else framed(receipt)
             try:
                 _check_frame(frame)
@@ -207,8 +225,12 @@ class UnixControlChannel:
                     fd_may_have_reached_backend=True,
                 ) from exc
             return receipt
+        finally:
+            lock.release()
 
-    async def _pass_locked(self, fd: int, token: bytes) -> PassReceipt:
+    async def _pass_locked(
+        self, fd: int, token: bytes, *, final_checkpoint: bool = True
+    ) -> PassReceipt:
         """Send the token packet; the caller holds the send lock.
 
         Cancellation: as ``send_fd_with_token`` (safe until the packet is sent).
@@ -220,7 +242,7 @@ class UnixControlChannel:
                 PassFailure.BACKEND_UNAVAILABLE, f"the control channel is {reason}"
             )
         try:
-            await send_fd_with_token(self._sock, fd, token)
+            await send_fd_with_token(self._sock, fd, token, final_checkpoint=final_checkpoint)
         except ConnectionPassError as exc:
             if exc.kind is PassFailure.PARTIAL_SEND:
                 self._break_sending("broken by a partial token packet")

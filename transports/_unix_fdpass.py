@@ -102,7 +102,9 @@ def connection_fd(connection: trio.abc.Stream) -> int:
     return fd
 
 
-async def send_fd_with_token(sock: SendmsgSocket, fd: int, token: bytes) -> None:
+async def send_fd_with_token(
+    sock: SendmsgSocket, fd: int, token: bytes, *, final_checkpoint: bool = True
+) -> None:
     """Send ``token`` as data with ``fd`` in ``SCM_RIGHTS``, in one ``sendmsg``.
 
     Waits while the socket buffer is full. Raises ``ValueError`` for a token that
@@ -137,7 +139,33 @@ async def send_fd_with_token(sock: SendmsgSocket, fd: int, token: bytes) -> None
             f"sendmsg(SCM_RIGHTS) sent {sent} of {HANDOFF_TOKEN_BYTES} token bytes",
             fd_may_have_reached_backend=sent > 0,
         )
-    await trio.lowlevel.cancel_shielded_checkpoint()
+    if final_checkpoint:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def write_all_to_fd(fd: int, data: bytes) -> None:
+    """Write ``data`` to the nonblocking stream socket ``fd``, waiting only when full.
+
+    Used to put a reply on a client connection immediately before passing it, in
+    the same scheduler slice when the buffer has room. Raises
+    ``trio.BrokenResourceError`` if the peer is gone (``MSG_NOSIGNAL``: no SIGPIPE).
+
+    Cancellation: safe before the first byte; a partial write leaves the
+    connection unusable for framing, and the caller must not pass it.
+    """
+    view = memoryview(data)
+    sent = 0
+    sock = socket.socket(fileno=fd)
+    try:
+        while sent < len(view):
+            try:
+                sent += sock.send(view[sent:], SEND_FLAGS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"client connection failed: {exc}") from exc
+    finally:
+        sock.detach()
 
 
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

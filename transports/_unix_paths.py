@@ -226,3 +226,8 @@ def new_backend_endpoint(directory: Path | None = None) -> str:
         check_sun_path(path)
         if not os.path.lexists(path):
             return path
+
+
+def mode_is_private(mode: int) -> bool:
+    """True when permission bits ``mode`` grant nothing to group or others."""
+    return mode & 0o077 == 0

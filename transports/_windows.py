@@ -46,7 +46,7 @@ from transports._windows_channel import (
     create_control_pair,
     open_inherited_channel,
 )
-from transports._windows_dirs import runtime_dir, verify_private_dir
+from transports._windows_dirs import mode_is_private, runtime_dir, verify_private_dir
 from transports._windows_names import broker_pipe_path, random_pipe_path, user_hash_of
 from transports._windows_pipes import PipeListener, connect_pipe
 from transports._windows_process import (
@@ -294,5 +294,6 @@ __all__ = [
     "set_default_transport",
     "spawn_child",
     "user_hash",
+    "mode_is_private",
     "verify_private_dir",
 ]

@@ -239,8 +239,14 @@ class PipeControlChannel:
         connection: trio.abc.Stream,
         token: bytes,
         build_framed: Callable[[PassReceipt], bytes],
+        *,
+        preface: bytes = b"",
     ) -> PassReceipt:
-        """Duplicate the connection into the peer, then send ``build_framed(receipt)``.
+        """Write ``preface`` on the connection, duplicate it into the peer, send the offer.
+
+        ``preface`` (the broker's reply to the client) goes out on the connection
+        before it is duplicated, so it precedes anything the peer writes there; a
+        failure to write it raises ``trio.BrokenResourceError`` and passes nothing.
 
         The offer needs the duplicated handle value, hence the callable. If the
         duplication succeeded and anything afterwards fails, the error is a
@@ -254,6 +260,8 @@ class PipeControlChannel:
         duplicate is recorded in ``leaked_handles`` and ``Cancelled`` propagates
         (and the channel refuses further sends if the frame was being written).
         """
+        if preface:
+            await connection.send_all(preface)
         receipt = await self.pass_connection(connection, token)
         leaked = receipt.duplicated_handle
         try:

@@ -85,3 +85,12 @@ def verify_private_dir(path: os.PathLike[str] | str) -> None:
             "is not a directory",
             f"remove it (del {text}) and let rpbroker create the directory",
         )
+
+
+def mode_is_private(mode: int) -> bool:
+    """Windows has no POSIX permission bits; privacy lives in ACLs, not checked yet.
+
+    Always True, so callers do not refuse directories on a check that means
+    nothing here. See WINDOWS.md: ACL verification is not implemented.
+    """
+    return True

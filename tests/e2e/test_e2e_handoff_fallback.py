@@ -94,7 +94,7 @@ async def test_replayed_token_is_refused_by_the_backend(workspace: Workspace, tm
             a, b = trio.socket.socketpair()
             client_side = trio.SocketStream(a)
             broker_side = trio.SocketStream(b)
-            outcome = await broker.handoff.attempt(broker_side, handle, replay, 999)
+            outcome = await broker.handoff.attempt(broker_side, handle, replay, 999, b"")
             await broker_side.aclose()
             assert outcome.__class__.__name__ == "HandoffFellBack"
             assert "not pending" in outcome.detail  # type: ignore[union-attr]
