@@ -62,6 +62,7 @@ async def shutdown_on_signal(broker: rpbroker.Broker) -> None:
         async for _ in signals:
             broker.request_shutdown()
 
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--socket", default=None)

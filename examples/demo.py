@@ -23,9 +23,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import rpbroker  # noqa: E402
-from broker import private_services_copy  # noqa: E402
-from rpbroker.client import forget_cached_endpoints  # noqa: E402
+from broker import private_services_copy
+
+import rpbroker
+from rpbroker.client import forget_cached_endpoints
 
 MESSAGE = b"ping through the broker"
 

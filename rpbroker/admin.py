@@ -25,7 +25,14 @@ from rpbroker.policy.broadcast import BroadcastOperation
 from rpbroker.wire import AdminReply, AdminRequest, BroadcastReport, Frame, LifecycleMessage
 from rpbroker.wire._pb.broker_v1_pb2 import AdminReplyKind as _WireReplyKind
 from rpbroker.wire.codes import AdminReplyKind, AdminVerb, FrameKind
-from rpbroker.wire.frames import MalformedMessage, check_envelope, decode, encode, framed, response_to
+from rpbroker.wire.frames import (
+    MalformedMessage,
+    check_envelope,
+    decode,
+    encode,
+    framed,
+    response_to,
+)
 from rpbroker.wire.framing import MAX_FRAME_BYTES, MAX_HELLO_BYTES
 from rpbroker.wire.protocols import PayloadProtocol
 
@@ -170,12 +177,17 @@ def render(broker: Broker, request: AdminRequest) -> AdminReply:
 
     def as_json(body: dict[str, Any]) -> AdminReply:
         return AdminReply(
-            kind=_WireReplyKind.ValueType(AdminReplyKind.JSON), body=json.dumps(body, sort_keys=True), content_type=_JSON
+            kind=_WireReplyKind.ValueType(AdminReplyKind.JSON),
+            body=json.dumps(body, sort_keys=True),
+            content_type=_JSON,
         )
 
     def as_text(body: str, exit_code: int = 0) -> AdminReply:
         return AdminReply(
-            kind=_WireReplyKind.ValueType(AdminReplyKind.TEXT), body=body, exit_code=exit_code, content_type=_TEXT
+            kind=_WireReplyKind.ValueType(AdminReplyKind.TEXT),
+            body=body,
+            exit_code=exit_code,
+            content_type=_TEXT,
         )
 
     if verb is AdminVerb.STATUS:
@@ -265,7 +277,9 @@ def render(broker: Broker, request: AdminRequest) -> AdminReply:
         )
     if verb is AdminVerb.METRICS:
         return AdminReply(
-            kind=_WireReplyKind.ValueType(AdminReplyKind.OPENMETRICS), body=metrics_text(broker), content_type=_OPENMETRICS
+            kind=_WireReplyKind.ValueType(AdminReplyKind.OPENMETRICS),
+            body=metrics_text(broker),
+            content_type=_OPENMETRICS,
         )
     if verb is AdminVerb.SHUTDOWN:
         drain = request.drain_deadline_ms / 1000 if request.drain_deadline_ms else None
@@ -291,7 +305,9 @@ async def handle_admin_frame(broker: Broker, frame: Frame) -> bytes | None:
     return framed(response_to(frame, encode(reply)))
 
 
-def operation_from_request(message: LifecycleMessage) -> tuple[BroadcastOperation, float | None] | None:
+def operation_from_request(
+    message: LifecycleMessage,
+) -> tuple[BroadcastOperation, float | None] | None:
     if message.WhichOneof("body") != "broadcast_request":
         return None
     req = message.broadcast_request
@@ -317,5 +333,7 @@ async def handle_lifecycle_frame(broker: Broker, frame: Frame) -> bytes | None:
     operation, timeout = parsed
     result = await broker.broadcast(operation, ack_timeout_s=timeout)
     body = _envelope("broadcast", **result.to_json())
-    report = LifecycleMessage(broadcast_report=BroadcastReport(json=json.dumps(body, sort_keys=True)))
+    report = LifecycleMessage(
+        broadcast_report=BroadcastReport(json=json.dumps(body, sort_keys=True))
+    )
     return framed(response_to(frame, encode(report)))

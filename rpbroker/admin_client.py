@@ -14,20 +14,31 @@ from typing import Any
 import trio
 
 import transports
-from rpbroker.errors import BrokerProtocolError, BrokerUnavailableError, ConnectTimeoutError
 from rpbroker import control
+from rpbroker.errors import BrokerProtocolError, BrokerUnavailableError, ConnectTimeoutError
 from rpbroker.policy.broadcast import BroadcastOperation
 from rpbroker.wire import AdminReply, AdminRequest, BroadcastRequest, LifecycleMessage
 from rpbroker.wire._pb.broker_v1_pb2 import AdminVerb as _WireVerb
 from rpbroker.wire.codes import AdminVerb, FrameKind
-from rpbroker.wire.frames import MalformedMessage, check_envelope, decode, decode_frame, encode, framed, request
+from rpbroker.wire.frames import (
+    MalformedMessage,
+    check_envelope,
+    decode,
+    decode_frame,
+    encode,
+    framed,
+    request,
+)
 from rpbroker.wire.framing import MAX_FRAME_BYTES, FramingError, read_frame_body
 from rpbroker.wire.protocols import PayloadProtocol
 
 #: Admin round-trip bound, seconds (facts §4: the 30 s client deadline).
 DEFAULT_ADMIN_TIMEOUT_S = 30.0
 
-async def _round_trip(socket_path: str, protocol: PayloadProtocol, payload: bytes, timeout_s: float) -> bytes:
+
+async def _round_trip(
+    socket_path: str, protocol: PayloadProtocol, payload: bytes, timeout_s: float
+) -> bytes:
     try:
         with trio.fail_after(timeout_s):
             try:
@@ -41,7 +52,9 @@ async def _round_trip(socket_path: str, protocol: PayloadProtocol, payload: byte
                 except (FramingError, trio.BrokenResourceError, OSError) as exc:
                     raise BrokerProtocolError(f"broker sent no valid reply: {exc}") from exc
     except trio.TooSlowError as exc:
-        raise ConnectTimeoutError(f"broker at {socket_path} did not answer within {timeout_s:g} s") from exc
+        raise ConnectTimeoutError(
+            f"broker at {socket_path} did not answer within {timeout_s:g} s"
+        ) from exc
     try:
         frame = decode_frame(body)
     except MalformedMessage as exc:
@@ -66,7 +79,10 @@ async def admin_request(
     Cancellation: closes the connection; the broker sees a disconnect.
     """
     req = AdminRequest(
-        verb=_WireVerb.ValueType(verb), json=json_output, service_name=service_name, drain_deadline_ms=drain_deadline_ms
+        verb=_WireVerb.ValueType(verb),
+        json=json_output,
+        service_name=service_name,
+        drain_deadline_ms=drain_deadline_ms,
     )
     payload = await _round_trip(socket_path, PayloadProtocol.ADMIN, encode(req), timeout_s)
     try:

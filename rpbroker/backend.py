@@ -18,6 +18,7 @@ it came by; a handler's exception is logged and closes only that connection.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import sys
@@ -37,9 +38,9 @@ from rpbroker.launcher import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_
 from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
 from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, parse_token
 from rpbroker.wire import DaemonProcess, Endpoint
+from rpbroker.wire.frames import MalformedMessage, decode_frame
 from rpbroker.wire.framing import MAX_FRAME_BYTES
 from rpbroker.wire.probe import PROBE_REQUEST_PREFIX, parse_probe_request, probe_reply_frame
-from rpbroker.wire.frames import MalformedMessage, decode_frame
 
 logger = logging.getLogger("rpbroker.backend")
 
@@ -79,7 +80,9 @@ class BackendContext:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> BackendContext:
         missing = [
-            name for name in (ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION) if not environ.get(name)
+            name
+            for name in (ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION)
+            if not environ.get(name)
         ]
         if missing or not environ.get(transports.CONTROL_CHANNEL_ENV):
             missing.append(transports.CONTROL_CHANNEL_ENV)
@@ -264,7 +267,7 @@ class _Backend:
     async def _on_offer(
         self, notice: control.OfferNotice, passed: transports.PassedConnection | None
     ) -> None:
-        offer, frame = notice.offer, notice.frame
+        offer, _frame = notice.offer, notice.frame
         token_bytes = bytes(offer.token)
         if passed is None:
             passed = self.channel.adopt_handle_value(offer.handle_value, token_bytes)
@@ -300,18 +303,18 @@ class _Backend:
                 return
         # Rejected: tell the client first (it falls back at once), then the broker.
         if passed is not None:
-            with trio.move_on_after(READY_WRITE_TIMEOUT_S):
-                try:
-                    await passed.stream.send_all(
-                        control.handoff_ready_event(
-                            token=token_bytes,
-                            accepted=False,
-                            detail=detail or "",
-                            correlation_id=offer.correlation_id,
-                        )
+            with (
+                trio.move_on_after(READY_WRITE_TIMEOUT_S),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await passed.stream.send_all(
+                    control.handoff_ready_event(
+                        token=token_bytes,
+                        accepted=False,
+                        detail=detail or "",
+                        correlation_id=offer.correlation_id,
                     )
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+                )
             await passed.stream.aclose()
         logger.info("refused handoff %d: %s", offer.correlation_id, detail)
         await self.channel.send_message(

@@ -17,6 +17,7 @@ speak to clients, or choose the platform (``transports`` does).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -225,7 +226,7 @@ class BackendSupervisor:
 
     def spawn_budget_rows(self, now: float) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
-        for key in self._spawn_budget.keys():
+        for key in self._spawn_budget.keys():  # noqa: SIM118 - SpawnBudget is not iterable
             snap = self._spawn_budget.snapshot(key, now)
             assert isinstance(key, BackendKey)
             rows.append(
@@ -584,7 +585,9 @@ class BackendSupervisor:
                 except (transports.TransportError, trio.EndOfChannel, trio.BrokenResourceError):
                     if handle.exited.is_set():
                         return BackendSkippedDead(ref)
-                    return BackendFailed(ref, BroadcastFailure.BACKEND_ERROR, "control channel failed")
+                    return BackendFailed(
+                        ref, BroadcastFailure.BACKEND_ERROR, "control channel failed"
+                    )
                 if reply.failure is None:
                     return BackendAcked(ref)
                 return BackendFailed(ref, reply.failure, reply.detail)
@@ -593,7 +596,9 @@ class BackendSupervisor:
             handle.broadcast_waiters.pop(operation_id, None)
             receive.close()
 
-    async def quiesce_idle(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def quiesce_idle(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Quiesce backends idle past their timeout, for as long as the broker runs.
 
         Sleeps until the idle tracker's next due time; activity pushes it back.
@@ -660,14 +665,13 @@ async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-
 def _state_of(handle: BackendHandle) -> BackendState:
     """The handle's state now (a function, so type narrowing does not outlive an await)."""
     return handle.state
 
 
 def _ms(seconds: float) -> int:
-    return max(1, int(round(seconds * 1000)))
+    return max(1, round(seconds * 1000))
 
 
 def _spawn_failed(reason: str) -> Refusal:
@@ -678,7 +682,5 @@ def _discard_endpoint(endpoint: str) -> None:
     """Remove a dead backend's endpoint file, if the platform has one."""
     path = Path(endpoint)
     if path.is_absolute():
-        try:
+        with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
-        except OSError:
-            pass

@@ -35,8 +35,8 @@ from rpbroker import admin
 from rpbroker.backends import BackendHandle, BackendKey, BackendSupervisor
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog, LifecycleEvent
-from rpbroker.launcher import BackendLauncher
 from rpbroker.handoff import HandoffCoordinator, HandoffFellBack
+from rpbroker.launcher import BackendLauncher
 from rpbroker.metrics import BrokerMetrics
 from rpbroker.policy.broadcast import BroadcastOperation, BroadcastResult
 from rpbroker.policy.fallback import Attempt
@@ -54,9 +54,9 @@ from rpbroker.policy.hello import (
 )
 from rpbroker.services import (
     InvalidServiceName,
+    ServiceCatalog,
     ServiceLoadError,
     ServiceNotFound,
-    ServiceCatalog,
     ServiceSpec,
 )
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
@@ -75,8 +75,8 @@ from rpbroker.wire.frames import (
 from rpbroker.wire.framing import (
     MAX_HELLO_BYTES,
     BadFramingByte,
-    FramingError,
     FrameTooLarge,
+    FramingError,
     read_frame_body,
 )
 from rpbroker.wire.protocols import PayloadProtocol
@@ -200,7 +200,9 @@ class Broker:
 
     # -- serving --------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Bind, report ready through ``task_status``, and serve until shut down.
 
         Cancellation: cancelling the scope that runs ``serve`` performs the same
@@ -237,7 +239,9 @@ class Broker:
     async def _graceful_stop(self, listener: transports.Listener) -> None:
         self._accepting = False
         self._stopping.set()
-        self.events.emit(EventKind.BROKER_STOPPING, drain_timeout_ms=int(self._drain_timeout_s * 1000))
+        self.events.emit(
+            EventKind.BROKER_STOPPING, drain_timeout_ms=int(self._drain_timeout_s * 1000)
+        )
         await listener.aclose()
         await self.backends.stop_all(self._drain_timeout_s)
 
@@ -249,7 +253,9 @@ class Broker:
             except transports.FdExhaustedError:
                 action = self.fd_guard.on_accept_error(AcceptErrorKind.FD_EXHAUSTED)
                 if action.first_demotion:
-                    self.events.emit(EventKind.FD_PRESSURE, reason="accept failed: out of descriptors")
+                    self.events.emit(
+                        EventKind.FD_PRESSURE, reason="accept failed: out of descriptors"
+                    )
                 await trio.sleep(FD_PRESSURE_ACCEPT_BACKOFF_S)
                 continue
             except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -284,13 +290,17 @@ class Broker:
                 first = await self._read_first_frame(stream)
             if scope.cancelled_caught:
                 self.events.emit(
-                    EventKind.PEER_DROPPED, pid=peer.pid, reason="no complete frame before the deadline"
+                    EventKind.PEER_DROPPED,
+                    pid=peer.pid,
+                    reason="no complete frame before the deadline",
                 )
                 return
             if first is None:
                 return
             if isinstance(first, Refusal):
-                await self._send(stream, response_frame(None, PayloadProtocol.CONTROL, refusal_reply(first)))
+                await self._send(
+                    stream, response_frame(None, PayloadProtocol.CONTROL, refusal_reply(first))
+                )
                 self._refused(first, peer.pid)
                 return
             if first.payload_protocol == PayloadProtocol.ADMIN:
@@ -357,7 +367,9 @@ class Broker:
         pid: int,
         hello: Hello | None = None,
     ) -> None:
-        await self._send(stream, response_frame(frame, PayloadProtocol.CONTROL, refusal_reply(refusal)))
+        await self._send(
+            stream, response_frame(frame, PayloadProtocol.CONTROL, refusal_reply(refusal))
+        )
         self._refused(
             refusal,
             pid,
@@ -365,16 +377,23 @@ class Broker:
             hello.wanted_version if hello is not None else "",
         )
 
-    async def _hello(self, stream: trio.abc.Stream, frame: Frame, peer: transports.PeerIdentity) -> None:
+    async def _hello(
+        self, stream: trio.abc.Stream, frame: Frame, peer: transports.PeerIdentity
+    ) -> None:
         started = trio.current_time()
-        fault = check_envelope(frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.CONTROL)
+        fault = check_envelope(
+            frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.CONTROL
+        )
         if fault is not None:
             code, reason = _ENVELOPE_REFUSALS[fault]
             await self._refuse(stream, frame, Refusal(code, reason), peer.pid)
             return
         if not self._accepting:
             await self._refuse(
-                stream, frame, Refusal(RefusalCode.SHUTTING_DOWN, "broker is shutting down"), peer.pid
+                stream,
+                frame,
+                Refusal(RefusalCode.SHUTTING_DOWN, "broker is shutting down"),
+                peer.pid,
             )
             return
         if self.fd_guard.demoted:
@@ -384,7 +403,10 @@ class Broker:
             hello = decode(Hello, frame.payload)
         except MalformedMessage:
             await self._refuse(
-                stream, frame, Refusal(RefusalCode.PEER_REJECTED, "malformed Hello payload"), peer.pid
+                stream,
+                frame,
+                Refusal(RefusalCode.PEER_REJECTED, "malformed Hello payload"),
+                peer.pid,
             )
             return
         refusal = check_hello_shape(hello, peer.pid) or self._rate_limiter.check(
@@ -423,7 +445,9 @@ class Broker:
                 RefusalCode.SERVICE_UNKNOWN, f"service definition could not be loaded: {exc}"
             )
 
-    async def _acquire(self, key: BackendKey, spec: ServiceSpec, frame: Frame) -> BackendHandle | Refusal:
+    async def _acquire(
+        self, key: BackendKey, spec: ServiceSpec, frame: Frame
+    ) -> BackendHandle | Refusal:
         """Wait for the backend under the Hello's own deadline, or until shutdown begins."""
         running = self.backends.running(key)
         if running is not None:
@@ -477,8 +501,12 @@ class Broker:
             handle_passed_token=token.raw if token is not None else b"",
             connection_id=connection_id,
         )
-        reply = response_frame(frame, PayloadProtocol.CONTROL, encode(HelloReply(negotiated=negotiated)))
-        self.metrics.hello(hello.service_name, hello.wanted_version, "negotiated", trio.current_time() - started)
+        reply = response_frame(
+            frame, PayloadProtocol.CONTROL, encode(HelloReply(negotiated=negotiated))
+        )
+        self.metrics.hello(
+            hello.service_name, hello.wanted_version, "negotiated", trio.current_time() - started
+        )
         if token is None:
             await self._send(stream, reply)
             return

@@ -50,13 +50,19 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a broker in the foreground")
     serve.add_argument("--socket", required=True, help="broker endpoint path")
-    serve.add_argument("--services", required=True, help="service definitions directory (mode 0700)")
+    serve.add_argument(
+        "--services", required=True, help="service definitions directory (mode 0700)"
+    )
     serve.add_argument("--hello-timeout", type=float, default=30.0, metavar="SECONDS")
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS")
     serve.add_argument("--runtime-dir", default=None, help="where backend endpoints are created")
     serve.add_argument("--no-handoff", action="store_true", help="always use the reconnect route")
     serve.add_argument(
-        "--hello-rate-limit", type=int, default=256, metavar="N", help="Hellos per second per peer pid"
+        "--hello-rate-limit",
+        type=int,
+        default=256,
+        metavar="N",
+        help="Hellos per second per peer pid",
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -73,7 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     broadcast = sub.add_parser("broadcast", help="send a lifecycle broadcast to every backend")
     ops = broadcast.add_subparsers(dest="operation", required=True)
     quiesce = ops.add_parser("quiesce", help="stop, drain and exit every backend")
-    quiesce.add_argument("--reason", default="maintenance", choices=["maintenance", "idle-timeout", "broker-shutdown"])
+    quiesce.add_argument(
+        "--reason",
+        default="maintenance",
+        choices=["maintenance", "idle-timeout", "broker-shutdown"],
+    )
     release = ops.add_parser("release-handles", help="ask backends to release handles under PREFIX")
     release.add_argument("prefix")
     for op in (quiesce, release):

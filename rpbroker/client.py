@@ -36,7 +36,15 @@ from rpbroker.errors import (
 )
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
 from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
-from rpbroker.wire.frames import MalformedMessage, check_envelope, decode, decode_frame, encode, framed, request
+from rpbroker.wire.frames import (
+    MalformedMessage,
+    check_envelope,
+    decode,
+    decode_frame,
+    encode,
+    framed,
+    request,
+)
 from rpbroker.wire.framing import (
     FRAME_HEADER_BYTES,
     MAX_FRAME_BYTES,
@@ -191,7 +199,11 @@ class _FrameReader:
                     return body
             chunk = await self._stream.receive_some(self.CHUNK)
             if not chunk:
-                stage = FrameStage.BODY if len(self._buffer) >= FRAME_HEADER_BYTES else FrameStage.LENGTH
+                stage = (
+                    FrameStage.BODY
+                    if len(self._buffer) >= FRAME_HEADER_BYTES
+                    else FrameStage.LENGTH
+                )
                 raise TruncatedFrame(stage, len(self._buffer), FRAME_HEADER_BYTES, 0)
             self._buffer += chunk
 
@@ -203,12 +215,16 @@ async def _read_reply(reader: _FrameReader) -> Negotiated:
     try:
         body = await reader.read_body()
     except FramingError as exc:
-        raise BrokerUnavailableError(f"broker closed the connection without a reply ({exc})") from exc
+        raise BrokerUnavailableError(
+            f"broker closed the connection without a reply ({exc})"
+        ) from exc
     except (trio.BrokenResourceError, OSError) as exc:
         raise BrokerUnavailableError(f"broker connection failed: {exc}") from exc
     try:
         frame = decode_frame(body)
-        fault = check_envelope(frame, kind=FrameKind.RESPONSE, payload_protocol=PayloadProtocol.CONTROL)
+        fault = check_envelope(
+            frame, kind=FrameKind.RESPONSE, payload_protocol=PayloadProtocol.CONTROL
+        )
         if fault is not None:
             raise BrokerProtocolError(f"unexpected Hello response: {fault.name.lower()} mismatch")
         reply = decode(HelloReply, frame.payload)
@@ -233,7 +249,9 @@ async def _await_handoff_ready(reader: _FrameReader, token: bytes, timeout_s: fl
         try:
             body = await reader.read_body()
             frame: Frame = decode_frame(body)
-            if check_envelope(frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF):
+            if check_envelope(
+                frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF
+            ):
                 return False
             ack = decode(HandoffAck, frame.payload)
         except (FramingError, MalformedMessage, trio.BrokenResourceError, OSError):

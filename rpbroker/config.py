@@ -44,7 +44,9 @@ def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> N
 
 def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not (isinstance(value, int) and value > 0):
-        raise ConfigError(f"BrokerConfig.{attribute.name} must be a positive integer (got {value!r})")
+        raise ConfigError(
+            f"BrokerConfig.{attribute.name} must be a positive integer (got {value!r})"
+        )
 
 
 def _as_path(value: str | os.PathLike[str]) -> Path:

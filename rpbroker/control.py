@@ -169,12 +169,16 @@ def activity_message(open_connections: int, completed_connections: int) -> bytes
     return _lifecycle(FrameKind.EVENT, msg)
 
 
-def put_operation(target: BroadcastCommand | BroadcastRequest, operation: BroadcastOperation) -> None:
+def put_operation(
+    target: BroadcastCommand | BroadcastRequest, operation: BroadcastOperation
+) -> None:
     """Fill the ``operation`` oneof of a broadcast command or request."""
     if isinstance(operation, ReleaseHandles):
         target.release_handles.CopyFrom(ReleaseHandlesMessage(path_prefix=operation.path_prefix))
     else:
-        target.quiesce.CopyFrom(QuiesceMessage(reason=_lc.QuiesceReason.ValueType(_QUIESCE_WIRE[operation.reason])))
+        target.quiesce.CopyFrom(
+            QuiesceMessage(reason=_lc.QuiesceReason.ValueType(_QUIESCE_WIRE[operation.reason]))
+        )
 
 
 def get_operation(source: BroadcastCommand | BroadcastRequest) -> BroadcastOperation | None:
@@ -183,7 +187,9 @@ def get_operation(source: BroadcastCommand | BroadcastRequest) -> BroadcastOpera
     if which == "release_handles":
         return ReleaseHandles(path_prefix=source.release_handles.path_prefix)
     if which == "quiesce":
-        return Quiesce(reason=_QUIESCE_FROM_WIRE.get(source.quiesce.reason, QuiesceReason.MAINTENANCE))
+        return Quiesce(
+            reason=_QUIESCE_FROM_WIRE.get(source.quiesce.reason, QuiesceReason.MAINTENANCE)
+        )
     return None
 
 
@@ -270,7 +276,10 @@ def parse(framed_message: bytes) -> Inbound:
 
 
 def _parse_handoff(frame: Frame) -> Inbound:
-    if check_envelope(frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.HANDOFF) is None:
+    if (
+        check_envelope(frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.HANDOFF)
+        is None
+    ):
         return OfferNotice(frame=frame, offer=decode(HandoffOffer, frame.payload))
     fault = check_envelope(frame, kind=FrameKind.RESPONSE, payload_protocol=PayloadProtocol.HANDOFF)
     if fault is not None:

@@ -278,7 +278,9 @@ class HandoffCoordinator:
             receive.close()
 
 
-def _ack_problem(reply: control.HandoffReply, token: HandoffToken, correlation_id: int) -> str | None:
+def _ack_problem(
+    reply: control.HandoffReply, token: HandoffToken, correlation_id: int
+) -> str | None:
     """Check a HandoffAck in the reference order (facts §3.4); ``None`` if it is good."""
     if reply.frame_request_id != correlation_id:
         return "HandoffAck frame request_id does not match the correlation id"
@@ -289,4 +291,3 @@ def _ack_problem(reply: control.HandoffReply, token: HandoffToken, correlation_i
     if not reply.accepted:
         return f"backend refused the handoff: {reply.detail or 'no detail provided'}"
     return None
-

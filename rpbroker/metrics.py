@@ -49,7 +49,9 @@ class BrokerMetrics:
         self._duration_count: collections.Counter[str] = collections.Counter()
         self.spawn_attempts: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
-    def hello(self, service: str, version: str, outcome: str, duration_s: float | None = None) -> None:
+    def hello(
+        self, service: str, version: str, outcome: str, duration_s: float | None = None
+    ) -> None:
         self.hello_total[(service, version, outcome)] += 1
         if duration_s is not None:
             buckets = self._duration_buckets.setdefault(service, [0] * len(HELLO_BUCKETS_S))

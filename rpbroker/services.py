@@ -79,11 +79,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
-
-import transports
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
+import transports
 from rpbroker.errors import BrokerError
 from rpbroker.policy.hello import is_valid_semver, is_valid_service_name
 from rpbroker.wire.codes import BrokerIsolation, RefusalCode

@@ -304,4 +304,3 @@ class ChildProcess(Protocol):
 
 class SpawnError(TransportError):
     """The child could not be started (missing executable, permission, ...)."""
-

@@ -41,10 +41,10 @@ from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
     broker_endpoint,
     current_user,
+    mode_is_private,
     new_backend_endpoint,
     runtime_dir,
     user_hash,
-    mode_is_private,
     verify_private_dir,
 )
 from transports._unix_peer import peer_identity

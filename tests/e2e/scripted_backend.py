@@ -24,9 +24,9 @@ import trio
 
 import transports
 from rpbroker import control
-from rpbroker.policy.broadcast import Quiesce
 from rpbroker.backend import serve_backend
 from rpbroker.launcher import ENV_ENDPOINT, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
+from rpbroker.policy.broadcast import Quiesce
 from rpbroker.wire.framing import MAX_FRAME_BYTES
 
 MODE = os.environ.get("RPB_TEST_MODE", "echo")

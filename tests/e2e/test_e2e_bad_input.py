@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -32,10 +33,8 @@ async def exchange(socket: str, data: bytes) -> tuple[Frame, Refused]:
         assert reply.WhichOneof("result") == "refused", reply
         # The broker closes the connection after a refusal (a reset when it left
         # unread bytes behind, as for oversize frames whose body is not drained).
-        try:
+        with contextlib.suppress(trio.BrokenResourceError):
             assert await stream.receive_some(1) == b""
-        except trio.BrokenResourceError:
-            pass
         return frame, reply.refused
 
 
@@ -65,8 +64,16 @@ async def assert_still_serving(broker: rpbroker.Broker) -> None:
     [
         (b"\xff\xff\xff", RefusalCode.VERSION_UNSUPPORTED, "unsupported framing version"),
         (b"\x02\x00\x00\x00\x00", RefusalCode.VERSION_UNSUPPORTED, "unsupported framing version"),
-        (b"\x01" + struct.pack("<I", 64 * 1024 + 1), RefusalCode.PEER_REJECTED, "initial Hello frame exceeds 64 KiB"),
-        (b"\x01" + struct.pack("<I", 0xFFFFFFFF), RefusalCode.PEER_REJECTED, "initial Hello frame exceeds 64 KiB"),
+        (
+            b"\x01" + struct.pack("<I", 64 * 1024 + 1),
+            RefusalCode.PEER_REJECTED,
+            "initial Hello frame exceeds 64 KiB",
+        ),
+        (
+            b"\x01" + struct.pack("<I", 0xFFFFFFFF),
+            RefusalCode.PEER_REJECTED,
+            "initial Hello frame exceeds 64 KiB",
+        ),
         (b"\x01\x03\x00\x00\x00\xff\xff\xff", RefusalCode.PEER_REJECTED, "malformed broker Frame"),
     ],
 )
@@ -75,10 +82,10 @@ async def test_framing_garbage_is_refused_and_broker_survives(
 ) -> None:
     with trio.fail_after(20):
         frame, refused = await exchange(broker.socket_path, data)
-        assert refused.code == code
+        assert RefusalCode(refused.code) == code
         assert refused.reason == reason
         assert frame.request_id == 0
-        assert frame.kind == FrameKind.RESPONSE
+        assert FrameKind(frame.kind) is FrameKind.RESPONSE
         assert (refused.daemon_min_protocol, refused.daemon_max_protocol) == (1, 1)
         await assert_still_serving(broker)
 
@@ -92,17 +99,23 @@ async def test_truncated_frame_is_refused_as_incomplete(broker: rpbroker.Broker)
             await stream.send_eof()
             frame = decode_frame(await read_frame_body(stream, MAX_FRAME_BYTES))
             refused = decode(HelloReply, frame.payload).refused
-            assert refused.code == RefusalCode.PEER_REJECTED
+            assert RefusalCode(refused.code) == RefusalCode.PEER_REJECTED
             assert refused.reason == "incomplete Hello frame"
 
 
 async def test_valid_frame_with_garbage_payload_echoes_request_id(broker: rpbroker.Broker) -> None:
     data = framed(
-        request(PayloadProtocol.CONTROL, b"\xff\xff\xff", request_id=41, traceparent="00-abc", tracestate="k=v")
+        request(
+            PayloadProtocol.CONTROL,
+            b"\xff\xff\xff",
+            request_id=41,
+            traceparent="00-abc",
+            tracestate="k=v",
+        )
     )
     with trio.fail_after(20):
         frame, refused = await exchange(broker.socket_path, data)
-    assert refused.code == RefusalCode.PEER_REJECTED
+    assert RefusalCode(refused.code) == RefusalCode.PEER_REJECTED
     assert refused.reason == "malformed Hello payload"
     assert (frame.request_id, frame.traceparent, frame.tracestate) == (41, "00-abc", "k=v")
 
@@ -110,19 +123,47 @@ async def test_valid_frame_with_garbage_payload_echoes_request_id(broker: rpbrok
 @pytest.mark.parametrize(
     ("fields", "code", "reason"),
     [
-        ({"client_min_protocol": 99, "client_max_protocol": 99}, RefusalCode.VERSION_UNSUPPORTED, "client protocol range does not include v1"),
+        (
+            {"client_min_protocol": 99, "client_max_protocol": 99},
+            RefusalCode.VERSION_UNSUPPORTED,
+            "client protocol range does not include v1",
+        ),
         ({"service_name": "../echo"}, RefusalCode.PEER_REJECTED, "invalid service_name"),
         ({"service_name": "Echo"}, RefusalCode.PEER_REJECTED, "invalid service_name"),
         ({"service_name": "echo; rm -rf /"}, RefusalCode.PEER_REJECTED, "invalid service_name"),
         ({"service_name": "a" * 65}, RefusalCode.PEER_REJECTED, "invalid service_name"),
-        ({"wanted_version": "1.0.0; rm -rf /"}, RefusalCode.PEER_REJECTED, "invalid wanted_version"),
+        (
+            {"wanted_version": "1.0.0; rm -rf /"},
+            RefusalCode.PEER_REJECTED,
+            "invalid wanted_version",
+        ),
         ({"wanted_version": "$(reboot)"}, RefusalCode.PEER_REJECTED, "invalid wanted_version"),
-        ({"wanted_version": "1.0.0-../../evil"}, RefusalCode.PEER_REJECTED, "invalid wanted_version"),
-        ({"client_version": "x" * 129}, RefusalCode.PEER_REJECTED, "client_version exceeds 128 bytes"),
-        ({"client_lib_name": "x" * 65}, RefusalCode.PEER_REJECTED, "client_lib fields exceed 64 bytes"),
+        (
+            {"wanted_version": "1.0.0-../../evil"},
+            RefusalCode.PEER_REJECTED,
+            "invalid wanted_version",
+        ),
+        (
+            {"client_version": "x" * 129},
+            RefusalCode.PEER_REJECTED,
+            "client_version exceeds 128 bytes",
+        ),
+        (
+            {"client_lib_name": "x" * 65},
+            RefusalCode.PEER_REJECTED,
+            "client_lib fields exceed 64 bytes",
+        ),
         ({"peer_pid": 1}, RefusalCode.PEER_REJECTED, "peer_pid does not match verified peer"),
-        ({"service_name": "nosuch"}, RefusalCode.SERVICE_UNKNOWN, "service definition was not found"),
-        ({"wanted_version": "0.9.0"}, RefusalCode.VERSION_BLOCKED, "wanted_version is below min_version"),
+        (
+            {"service_name": "nosuch"},
+            RefusalCode.SERVICE_UNKNOWN,
+            "service definition was not found",
+        ),
+        (
+            {"wanted_version": "0.9.0"},
+            RefusalCode.VERSION_BLOCKED,
+            "wanted_version is below min_version",
+        ),
     ],
 )
 async def test_hostile_hello_fields_are_refused_and_nothing_spawns(
@@ -130,7 +171,7 @@ async def test_hostile_hello_fields_are_refused_and_nothing_spawns(
 ) -> None:
     with trio.fail_after(20):
         frame, refused = await exchange(broker.socket_path, hello_bytes(hello(**fields)))
-    assert refused.code == code
+    assert RefusalCode(refused.code) == code
     assert refused.reason == reason
     assert frame.request_id == 7
     assert list(broker.backends) == []
@@ -142,20 +183,43 @@ async def test_hostile_hello_fields_are_refused_and_nothing_spawns(
 @pytest.mark.parametrize(
     ("kind", "protocol", "encoding", "code", "reason"),
     [
-        (FrameKind.EVENT, PayloadProtocol.CONTROL, 0, RefusalCode.PEER_REJECTED, "Hello frame kind must be REQUEST"),
-        (FrameKind.REQUEST, PayloadProtocol.HANDOFF, 0, RefusalCode.PEER_REJECTED, "Hello frame payload_protocol must be control-plane"),
-        (FrameKind.REQUEST, PayloadProtocol.CONTROL, 1, RefusalCode.PEER_REJECTED, "Hello payload must not be compressed"),
+        (
+            FrameKind.EVENT,
+            PayloadProtocol.CONTROL,
+            0,
+            RefusalCode.PEER_REJECTED,
+            "Hello frame kind must be REQUEST",
+        ),
+        (
+            FrameKind.REQUEST,
+            PayloadProtocol.HANDOFF,
+            0,
+            RefusalCode.PEER_REJECTED,
+            "Hello frame payload_protocol must be control-plane",
+        ),
+        (
+            FrameKind.REQUEST,
+            PayloadProtocol.CONTROL,
+            1,
+            RefusalCode.PEER_REJECTED,
+            "Hello payload must not be compressed",
+        ),
     ],
 )
 async def test_bad_envelopes_are_refused_in_order(
-    broker: rpbroker.Broker, kind: FrameKind, protocol: int, encoding: int, code: RefusalCode, reason: str
+    broker: rpbroker.Broker,
+    kind: FrameKind,
+    protocol: int,
+    encoding: int,
+    code: RefusalCode,
+    reason: str,
 ) -> None:
     frame = request(protocol, encode(hello()), request_id=3)
     frame.kind = kind  # type: ignore[assignment]
     frame.payload_encoding = encoding  # type: ignore[assignment]
     with trio.fail_after(20):
         _, refused = await exchange(broker.socket_path, framed(frame))
-    assert (refused.code, refused.reason) == (code, reason)
+    assert (RefusalCode(refused.code), refused.reason) == (code, reason)
 
 
 async def test_wrong_envelope_version_is_version_unsupported(broker: rpbroker.Broker) -> None:
@@ -163,7 +227,10 @@ async def test_wrong_envelope_version_is_version_unsupported(broker: rpbroker.Br
     frame.envelope_version = 2
     with trio.fail_after(20):
         _, refused = await exchange(broker.socket_path, framed(frame))
-    assert (refused.code, refused.reason) == (RefusalCode.VERSION_UNSUPPORTED, "frame envelope_version is not v1")
+    assert (RefusalCode(refused.code), refused.reason) == (
+        RefusalCode.VERSION_UNSUPPORTED,
+        "frame envelope_version is not v1",
+    )
 
 
 async def test_version_outside_allow_list_is_blocked(workspace: Workspace) -> None:
@@ -171,9 +238,10 @@ async def test_version_outside_allow_list_is_blocked(workspace: Workspace) -> No
     async with rpbroker.open_broker(workspace.config()) as broker:
         with trio.fail_after(20):
             _, refused = await exchange(
-                broker.socket_path, hello_bytes(hello(service_name="pinned", wanted_version="2.0.1"))
+                broker.socket_path,
+                hello_bytes(hello(service_name="pinned", wanted_version="2.0.1")),
             )
-    assert refused.code == RefusalCode.VERSION_BLOCKED
+    assert RefusalCode(refused.code) == RefusalCode.VERSION_BLOCKED
     assert refused.reason == "wanted_version is not in version_allow_list"
 
 
@@ -191,7 +259,9 @@ async def test_service_definition_is_reread_on_every_hello(echo_workspace: Works
     assert info.value.retry_after_ms == 30000
 
 
-async def test_silent_peer_is_cut_off_at_the_deadline_without_a_reply(echo_workspace: Workspace) -> None:
+async def test_silent_peer_is_cut_off_at_the_deadline_without_a_reply(
+    echo_workspace: Workspace,
+) -> None:
     async with rpbroker.open_broker(echo_workspace.config(hello_timeout_s=0.3)) as broker:
         with trio.fail_after(20):
             stream = await transports.connect(broker.socket_path)
@@ -230,13 +300,19 @@ async def test_trickling_peer_does_not_extend_the_deadline(echo_workspace: Works
 
 
 async def test_rate_limit_refuses_with_retry_after(echo_workspace: Workspace) -> None:
-    async with rpbroker.open_broker(echo_workspace.config(hello_rate_limit=3, hello_rate_window_s=60)) as broker:
+    async with rpbroker.open_broker(
+        echo_workspace.config(hello_rate_limit=3, hello_rate_window_s=60)
+    ) as broker:
         with trio.fail_after(20):
             for _ in range(3):
-                async with rpbroker.connect("echo", "1.0.0", broker=broker.socket_path, hello_skip=False):
+                async with rpbroker.connect(
+                    "echo", "1.0.0", broker=broker.socket_path, hello_skip=False
+                ):
                     pass
             with pytest.raises(rpbroker.RefusedError) as info:
-                await rpbroker.open_connection("echo", "1.0.0", broker=broker.socket_path, hello_skip=False)
+                await rpbroker.open_connection(
+                    "echo", "1.0.0", broker=broker.socket_path, hello_skip=False
+                )
     assert info.value.code is RefusalCode.RATE_LIMITED
     assert info.value.retry_after_ms is not None and info.value.retry_after_ms > 0
 
@@ -245,7 +321,7 @@ async def test_malformed_flood_does_not_stop_the_accept_loop(broker: rpbroker.Br
     async def bad(i: int) -> None:
         data = b"\x01\x03\x00\x00\x00\xff\xff\xff" if i % 2 else framed(request(0, b"\xff\xff\xff"))
         _, refused = await exchange(broker.socket_path, data)
-        assert refused.code == RefusalCode.PEER_REJECTED
+        assert RefusalCode(refused.code) == RefusalCode.PEER_REJECTED
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

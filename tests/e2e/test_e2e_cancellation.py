@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -129,7 +130,11 @@ async def test_cancelling_the_embedding_scope_with_clients_connected(
             async with rpbroker.open_broker(echo_workspace.config()) as broker:
                 for handoff in (True, False, True):
                     stream = await rpbroker.open_connection(
-                        "echo", "1.0.0", broker=broker.socket_path, handoff=handoff, hello_skip=False
+                        "echo",
+                        "1.0.0",
+                        broker=broker.socket_path,
+                        handoff=handoff,
+                        hello_skip=False,
                     )
                     assert await round_trip(stream, b"held") == b"held"
                     streams.append(stream)
@@ -144,10 +149,8 @@ async def test_cancelling_the_embedding_scope_with_clients_connected(
         assert not socket.exists(), "the socket file is removed"
         for stream in streams:
             # The backend was killed, so every routed connection sees EOF or a reset.
-            try:
+            with contextlib.suppress(trio.BrokenResourceError):
                 assert await stream.receive_some(10) == b""
-            except trio.BrokenResourceError:
-                pass
             await stream.aclose()
         await raw.aclose()
     assert fd_count() == baseline_fds

@@ -145,7 +145,10 @@ def schema_only_client(socket_path: str, *, handoff: bool) -> tuple[str, bytes]:
 
 async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "rpbroker", *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, "-m", "rpbroker", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     return subprocess.CompletedProcess(
         result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
@@ -156,11 +159,18 @@ async def start_cli_broker(nursery: trio.Nursery, workspace: Workspace) -> trio.
     """Start ``rpbroker serve``; return once it says it serves (it binds first)."""
     process = await trio.lowlevel.open_process(
         [
-            sys.executable, "-m", "rpbroker", "serve",
-            "--socket", workspace.socket,
-            "--services", str(workspace.services),
-            "--runtime-dir", str(workspace.runtime),
-            "--log-level", "WARNING",
+            sys.executable,
+            "-m",
+            "rpbroker",
+            "serve",
+            "--socket",
+            workspace.socket,
+            "--services",
+            str(workspace.services),
+            "--runtime-dir",
+            str(workspace.runtime),
+            "--log-level",
+            "WARNING",
         ],
         stderr=subprocess.PIPE,
     )
@@ -204,7 +214,9 @@ async def test_schema_only_client_negotiates_both_routes_with_rpbroker_serve(
             assert (await run_cli("readyz", "--socket", socket_path)).stdout == "ready\n"
             metrics = await run_cli("metrics", "--socket", socket_path)
             assert metrics.stdout.rstrip().endswith("# EOF")
-            broadcast = await run_cli("broadcast", "release-handles", "/tmp", "--socket", socket_path, "--json")
+            broadcast = await run_cli(
+                "broadcast", "release-handles", "/tmp", "--socket", socket_path, "--json"
+            )
             assert broadcast.returncode == 0, broadcast.stderr
             assert '"all_live_backends_acked": true' in broadcast.stdout
 
@@ -226,7 +238,9 @@ async def test_cli_shutdown_verb_stops_the_broker(echo_workspace: Workspace) -> 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             process = await start_cli_broker(nursery, echo_workspace)
-            result = await run_cli("shutdown", "--socket", socket_path, "--drain-deadline-ms", "500")
+            result = await run_cli(
+                "shutdown", "--socket", socket_path, "--drain-deadline-ms", "500"
+            )
             assert result.stdout == "broker shutting down\n"
             assert await process.wait() == 0
             nursery.cancel_scope.cancel()

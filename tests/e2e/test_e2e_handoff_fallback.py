@@ -76,7 +76,9 @@ async def test_backend_dying_with_the_fd_gives_a_working_route_or_a_typed_error(
             assert crashed, "the broker noticed the backend's death"
 
 
-async def test_replayed_token_is_refused_by_the_backend(workspace: Workspace, tmp_path: Path) -> None:
+async def test_replayed_token_is_refused_by_the_backend(
+    workspace: Workspace, tmp_path: Path
+) -> None:
     # The SDK backend remembers consumed tokens: a second offer with the same
     # token must be refused, and the client must still be served by reconnect.
     from rpbroker.backends import BackendHandle

@@ -87,8 +87,10 @@ async def test_concurrent_hellos_start_exactly_one_backend(echo_workspace: Works
 async def test_distinct_versions_get_distinct_backends(broker: rpbroker.Broker) -> None:
     forget_cached_endpoints()
     with trio.fail_after(30):
-        async with rpbroker.connect("echo", "1.0.0", broker=broker.socket_path) as a:
-            async with rpbroker.connect("echo", "1.2.0", broker=broker.socket_path) as b:
-                assert a.endpoint != b.endpoint
+        async with (
+            rpbroker.connect("echo", "1.0.0", broker=broker.socket_path) as a,
+            rpbroker.connect("echo", "1.2.0", broker=broker.socket_path) as b,
+        ):
+            assert a.endpoint != b.endpoint
     versions = sorted(h.key.service_version for h in broker.backends)
     assert versions == ["1.0.0", "1.2.0"]
