@@ -130,16 +130,14 @@ class HandoffCoordinator:
         outcome says the connection never reached the backend (and the reply was
         written), the caller may tell the client with a refusal EVENT first.
 
-        Cancellation: the attempt runs in its own nursery; cancelling it (client
-        gone, broker shutting down) abandons it exactly like a failure: the token is
-        revoked and the pending entry removed. Never raises for transport, delivery
-        or registry errors.
+        Cancellation: the ACK wait runs in the attempt's own nursery under the
+        registry's deadline; cancelling the attempt (broker shutting down) abandons
+        it exactly like a failure: the token is revoked and the pending entry
+        removed. Never raises for transport, delivery or registry errors.
         """
         outcome: HandoffOutcome | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                outcome = await self._run(client, backend, token, correlation_id, reply_frame)
-                nursery.cancel_scope.cancel()
+            outcome = await self._run(client, backend, token, correlation_id, reply_frame)
             return outcome
         finally:
             if not isinstance(outcome, HandoffCompleted):
@@ -187,64 +185,38 @@ class HandoffCoordinator:
         send, receive = trio.open_memory_channel[control.HandoffReply](1)
         backend.handoff_waiters[correlation_id] = send
         receipt: transports.PassReceipt | None = None
+        reply: control.HandoffReply | None = None
         try:
-
-            def build_offer(passed: transports.PassReceipt) -> bytes:
-                return control.handoff_offer(
-                    token=token.raw,
-                    service_name=backend.key.service_name,
-                    correlation_id=correlation_id,
-                    deadline_unix_ms=adopt_by_ms,
-                    handle_value=passed.handle_value,
+            # One deadline (the registry's) bounds the pass and the ACK wait alike.
+            with trio.CancelScope(deadline=deadline):
+                passed = await self._pass(
+                    channel, client, token, correlation_id, reply_frame, backend, adopt_by_ms
                 )
-
-            try:
-                with trio.fail_after(max(0.0, deadline - trio.current_time())):
-                    receipt = await channel.pass_connection_then_send(
-                        client, token.raw, build_offer, preface=reply_frame
-                    )
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                if isinstance(passed, HandoffFellBack):
+                    return passed
+                receipt = passed
+                # The attempt's own nursery, around the wait for the backend's ACK.
+                async with trio.open_nursery():
+                    try:
+                        reply = await receive.receive()
+                    except trio.EndOfChannel:
+                        return HandoffFellBack(
+                            HandoffStage.AWAIT_ACK,
+                            FallbackReason.BACKEND_ACK_TIMEOUT,
+                            "backend went away before acknowledging",
+                            fd_reached_backend=True,
+                            leaked_handle=receipt.duplicated_handle,
+                        )
+            if receipt is None:
                 return HandoffFellBack(
                     HandoffStage.SEND,
                     FallbackReason.BACKEND_ACK_TIMEOUT,
-                    f"the reply or the connection could not be sent: {exc or 'timed out'}",
+                    "the reply or the connection could not be sent before the deadline",
                     # Conservative: the reply may be half written, so nobody may
                     # write to this connection any more.
                     fd_reached_backend=True,
                 )
-            except transports.ConnectionPassError as exc:
-                reason = (
-                    FallbackReason.PERMISSION_DENIED
-                    if exc.kind is transports.PassFailure.PERMISSION_DENIED
-                    else FallbackReason.BACKEND_ACK_TIMEOUT
-                )
-                return HandoffFellBack(
-                    HandoffStage.SEND,
-                    reason,
-                    f"passing the connection failed: {exc}",
-                    fd_reached_backend=exc.fd_may_have_reached_backend,
-                    leaked_handle=exc.leaked_handle,
-                )
-            except transports.TransportError as exc:
-                return HandoffFellBack(
-                    HandoffStage.SEND,
-                    FallbackReason.BACKEND_ACK_TIMEOUT,
-                    f"control channel failed: {exc}",
-                    fd_reached_backend=True,
-                )
             leaked = receipt.duplicated_handle
-            reply: control.HandoffReply | None = None
-            with trio.move_on_after(max(0.0, deadline - trio.current_time())):
-                try:
-                    reply = await receive.receive()
-                except trio.EndOfChannel:
-                    return HandoffFellBack(
-                        HandoffStage.AWAIT_ACK,
-                        FallbackReason.BACKEND_ACK_TIMEOUT,
-                        "backend went away before acknowledging",
-                        fd_reached_backend=True,
-                        leaked_handle=leaked,
-                    )
             if reply is None:
                 return HandoffFellBack(
                     HandoffStage.AWAIT_ACK,
@@ -276,6 +248,59 @@ class HandoffCoordinator:
         finally:
             backend.handoff_waiters.pop(correlation_id, None)
             receive.close()
+
+    async def _pass(
+        self,
+        channel: transports.ControlChannel,
+        client: trio.abc.Stream,
+        token: HandoffToken,
+        correlation_id: int,
+        reply_frame: bytes,
+        backend: BackendHandle,
+        adopt_by_ms: int,
+    ) -> transports.PassReceipt | HandoffFellBack:
+        """The send stage: reply, connection and offer, or a typed fallback."""
+
+        def build_offer(passed: transports.PassReceipt) -> bytes:
+            return control.handoff_offer(
+                token=token.raw,
+                service_name=backend.key.service_name,
+                correlation_id=correlation_id,
+                deadline_unix_ms=adopt_by_ms,
+                handle_value=passed.handle_value,
+            )
+
+        try:
+            return await channel.pass_connection_then_send(
+                client, token.raw, build_offer, preface=reply_frame
+            )
+        except trio.BrokenResourceError as exc:
+            return HandoffFellBack(
+                HandoffStage.SEND,
+                FallbackReason.BACKEND_ACK_TIMEOUT,
+                f"the client connection failed before the pass: {exc}",
+                fd_reached_backend=True,  # the reply may be half written: write nothing more
+            )
+        except transports.ConnectionPassError as exc:
+            reason = (
+                FallbackReason.PERMISSION_DENIED
+                if exc.kind is transports.PassFailure.PERMISSION_DENIED
+                else FallbackReason.BACKEND_ACK_TIMEOUT
+            )
+            return HandoffFellBack(
+                HandoffStage.SEND,
+                reason,
+                f"passing the connection failed: {exc}",
+                fd_reached_backend=exc.fd_may_have_reached_backend,
+                leaked_handle=exc.leaked_handle,
+            )
+        except transports.TransportError as exc:
+            return HandoffFellBack(
+                HandoffStage.SEND,
+                FallbackReason.BACKEND_ACK_TIMEOUT,
+                f"control channel failed: {exc}",
+                fd_reached_backend=True,
+            )
 
 
 def _ack_problem(

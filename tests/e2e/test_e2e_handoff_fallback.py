@@ -37,6 +37,7 @@ async def test_misbehaving_backend_falls_back_to_reconnect(
                 assert await round_trip(stream, b"") == b""
                 assert await stream.receive_some(9) == b"request-1"
                 assert await round_trip(stream, b"+more") == b"+more"
+            await broker.wait_connections_closed()
             # Exactly once: the handed-off copy of request-1 was never served.
             assert counter.read_bytes() == b"request-1+more"
             fallbacks = [e for e in broker.recent_events() if e.kind is EventKind.HANDOFF_FALLBACK]

@@ -22,6 +22,7 @@ async def test_handoff_route_delivers_initial_data_once(broker: rpbroker.Broker)
             data = await stream.receive_some(5)
             assert data == b"first"
             assert await round_trip(stream, b"second") == b"second"
+        await broker.wait_connections_closed()
     assert len(broker.handoff.acks) == 0
     assert broker.handoff.tokens.pending_count == 0
 
