@@ -21,6 +21,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,9 @@ logger = logging.getLogger("rpbroker.backends")
 
 #: retry_after for a failed spawn, ms (facts §5.6: 1000 ms).
 SPAWN_FAILED_RETRY_AFTER_MS = 1000
+#: How long a broadcast waits to learn whether a backend whose channel closed has
+#: exited (reported as dead) or not (reported as failed), seconds.
+EXIT_CONFIRM_S = 0.1
 #: Grace between SIGTERM and SIGKILL when a backend must be stopped without a quiesce, s.
 TERMINATE_GRACE_S = 1.0
 
@@ -163,25 +167,39 @@ class BackendSupervisor:
         self.idle = IdleTracker()
         self._operation_ids = itertools.count(1)
         self._stopping = False
+        self._closed = trio.Event()
+        # Idle quiesce loop: when it wakes next, and how to wake it earlier.
+        self._idle_wake_at = math.inf
+        self._idle_changed = trio.Event()
 
     # -- lifecycle --------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host backend tasks until cancelled; on the way out kill every backend.
+        """Host backend tasks until ``close``; on the way out kill every backend.
 
-        Cancellation: this is how the supervisor ends. Every child process is
-        killed as a group and reaped, every control channel closed, inside a
-        shielded scope, so nothing outlives the broker.
+        Cancellation: shielded. Backends are supervised until the broker has
+        finished its graceful stop and calls ``close`` (an outer cancellation must
+        not kill them before they were asked to drain). Then every child process
+        is killed as a group and reaped and every control channel closed, so
+        nothing outlives the broker. The caller must call ``close`` in a
+        ``finally``.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await self._closed.wait()
+                    nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._kill_all()
+
+    def close(self) -> None:
+        """End ``run``: cancel every backend task (their processes are killed)."""
+        self._stopping = True
+        self._closed.set()
 
     def _spawn_task(self, fn: object, *args: object) -> None:
         if self._nursery is None:
@@ -222,7 +240,7 @@ class BackendSupervisor:
         """A client is being routed to ``handle``: that is activity for idle tracking."""
         handle.last_active_unix_ms = int(time.time() * 1000)
         if handle.state is BackendState.RUNNING:
-            self.idle.mark_activity(handle.key, now, handle.spec.idle_timeout_secs)
+            self._mark_active(handle, now)
 
     def spawn_budget_rows(self, now: float) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
@@ -329,7 +347,7 @@ class BackendSupervisor:
                     nursery.cancel_scope.cancel()
                     return
                 handle.state = BackendState.RUNNING
-                self.idle.mark_activity(key, trio.current_time(), handle.spec.idle_timeout_secs)
+                self._mark_active(handle, trio.current_time())
                 self._events.emit(
                     EventKind.RUNNING,
                     service_name=key.service_name,
@@ -386,6 +404,8 @@ class BackendSupervisor:
         if isinstance(decision, EndpointReady):
             return True
         if isinstance(decision, DaemonExitedBeforeReady):
+            if self._stopping:
+                return self._spawn_failure(handle, "backend spawn cancelled: broker shutting down")
             status = handle.process.returncode
             return self._spawn_failure(
                 handle, f"backend spawn failed: exited with status {status} before becoming ready"
@@ -441,9 +461,7 @@ class BackendSupervisor:
             handle.open_connections = inbound.open_connections
             handle.last_active_unix_ms = int(time.time() * 1000)
             if handle.state is BackendState.RUNNING:
-                self.idle.mark_activity(
-                    handle.key, trio.current_time(), handle.spec.idle_timeout_secs
-                )
+                self._mark_active(handle, trio.current_time())
         elif isinstance(inbound, control.HandoffReply):
             waiter = handle.handoff_waiters.pop(inbound.correlation_id, None)
             if waiter is not None:
@@ -539,9 +557,14 @@ class BackendSupervisor:
         timeout = self._config.broadcast_ack_timeout_s if ack_timeout_s is None else ack_timeout_s
         chosen = list(self) if targets is None else targets
         collector = BroadcastCollector(operation, chosen, BroadcastPolicy(timeout))
+        # One deadline for all: the fan-out ends at the ACK timeout, however many
+        # backends there are and however late each task starts.
+        deadline = trio.current_time() + timeout
 
         async def one(handle: BackendHandle) -> None:
-            collector.record(await self._send_one(handle, operation, timeout, drain_deadline_ms))
+            collector.record(
+                await self._send_one(handle, operation, timeout, deadline, drain_deadline_ms)
+            )
 
         async with trio.open_nursery() as nursery:
             for handle in chosen:
@@ -555,6 +578,7 @@ class BackendSupervisor:
         handle: BackendHandle,
         operation: BroadcastOperation,
         timeout_s: float,
+        deadline: float,
         drain_deadline_ms: int,
     ) -> BroadcastOutcome:
         ref = handle
@@ -576,13 +600,16 @@ class BackendSupervisor:
         send, receive = trio.open_memory_channel[control.BroadcastReply](1)
         handle.broadcast_waiters[operation_id] = send
         try:
-            with trio.move_on_after(timeout_s):
+            with trio.move_on_at(deadline):
                 try:
                     await channel.send_message(
                         control.broadcast_command(operation_id, operation, drain_deadline_ms)
                     )
                     reply = await receive.receive()
                 except (transports.TransportError, trio.EndOfChannel, trio.BrokenResourceError):
+                    # The channel's EOF can precede the exit notification by a moment.
+                    with trio.move_on_after(EXIT_CONFIRM_S):
+                        await handle.exited.wait()
                     if handle.exited.is_set():
                         return BackendSkippedDead(ref)
                     return BackendFailed(
@@ -601,24 +628,25 @@ class BackendSupervisor:
     ) -> None:
         """Quiesce backends idle past their timeout, for as long as the broker runs.
 
-        Sleeps until the idle tracker's next due time; activity pushes it back.
+        Sleeps until the idle tracker's next due time, and is woken early when a
+        backend starts that falls due sooner; activity pushes deadlines back.
         Cancellation: ends the loop; an in-flight quiesce broadcast is abandoned.
         """
         task_status.started()
         while True:
             due_at = self.idle.next_due_at()
-            if due_at is None:
-                await trio.sleep(1.0)
+            self._idle_wake_at = math.inf if due_at is None else due_at
+            changed = self._idle_changed = trio.Event()
+            with trio.move_on_at(self._idle_wake_at):
+                await changed.wait()
+            if changed.is_set():
                 continue
-            await trio.sleep_until(due_at)
             for due in self.idle.collect_due(trio.current_time()):
                 assert isinstance(due.key, BackendKey)
                 handle = self._backends.get(due.key)
                 if handle is None or handle.open_connections > 0:
                     if handle is not None:
-                        self.idle.mark_activity(
-                            handle.key, trio.current_time(), handle.spec.idle_timeout_secs
-                        )
+                        self._mark_active(handle, trio.current_time())
                     continue
                 self._events.emit(
                     EventKind.IDLE_QUIESCE,
@@ -628,6 +656,12 @@ class BackendSupervisor:
                     idle_for_ms=_ms(due.idle_for_s),
                 )
                 self._spawn_task(self._quiesce_one, handle, QuiesceReason.IDLE_TIMEOUT)
+
+    def _mark_active(self, handle: BackendHandle, now: float) -> None:
+        """Record activity; wake the idle loop if this backend now falls due sooner."""
+        self.idle.mark_activity(handle.key, now, handle.spec.idle_timeout_secs)
+        if now + handle.spec.idle_timeout_secs < self._idle_wake_at:
+            self._idle_changed.set()
 
     async def _quiesce_one(self, handle: BackendHandle, reason: QuiesceReason) -> None:
         await self.broadcast(Quiesce(reason), targets=[handle])
@@ -644,8 +678,15 @@ class BackendSupervisor:
         """
         self._stopping = True
         live = list(self)
+        for handle in live:
+            if handle.state is BackendState.SPAWNING:
+                # A partial spawn is cancelled, not drained.
+                handle.expected_exit = True
+                if handle.process is not None:
+                    handle.process.kill_tree()
         result = await self.broadcast(
             Quiesce(QuiesceReason.BROKER_SHUTDOWN),
+            targets=[h for h in live if h.state is BackendState.RUNNING],
             drain_deadline_ms=int(drain_timeout_s * 1000),
         )
         with trio.move_on_after(drain_timeout_s):

@@ -214,19 +214,25 @@ class Broker:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self.backends.run)
-                if self.config.idle_check_enabled:
-                    await nursery.start(self.backends.quiesce_idle)
-                nursery.start_soon(self._accept_loop, listener)
-                self._accepting = True
-                self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
-                task_status.started(self)
                 try:
-                    await self._stop_requested.wait()
-                finally:
-                    with trio.CancelScope(shield=True):
-                        with trio.move_on_after(self._drain_timeout_s + REPLY_WRITE_TIMEOUT_S):
+                    await nursery.start(self.backends.run)
+                    if self.config.idle_check_enabled:
+                        await nursery.start(self.backends.quiesce_idle)
+                    nursery.start_soon(self._accept_loop, listener)
+                    self._accepting = True
+                    self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
+                    task_status.started(self)
+                    try:
+                        await self._stop_requested.wait()
+                    finally:
+                        with (
+                            trio.CancelScope(shield=True),
+                            trio.move_on_after(self._drain_timeout_s + REPLY_WRITE_TIMEOUT_S),
+                        ):
                             await self._graceful_stop(listener)
+                finally:
+                    # The supervisor shields its backends until now (see its ``run``).
+                    self.backends.close()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
