@@ -230,6 +230,15 @@ async def _read_reply(reader: _FrameReader) -> Negotiated:
         reply = decode(HelloReply, frame.payload)
     except MalformedMessage as exc:
         raise BrokerProtocolError(f"undecodable Hello response: {exc}") from exc
+    return negotiated_or_raise(reply)
+
+
+def negotiated_or_raise(reply: HelloReply) -> Negotiated:
+    """The ``Negotiated`` arm of a HelloReply; ``RefusedError`` for the refused arm.
+
+    An unknown refusal code becomes ``RefusalCode.UNSPECIFIED``; an empty oneof is a
+    ``BrokerProtocolError``.
+    """
     which = reply.WhichOneof("result")
     if which == "negotiated":
         negotiated: Negotiated = reply.negotiated
@@ -425,5 +434,6 @@ __all__ = [
     "default_broker_endpoint",
     "forget_cached_endpoints",
     "hello_frame",
+    "negotiated_or_raise",
     "open_connection",
 ]

@@ -17,14 +17,19 @@ import trio
 import transports
 from rpbroker.backends import BackendHandle, BackendKey
 from rpbroker.broker import Broker, open_broker
-from rpbroker.client import BrokeredStream, ConnectOptions, hello_frame, open_connection
+from rpbroker.client import (
+    BrokeredStream,
+    ConnectOptions,
+    hello_frame,
+    negotiated_or_raise,
+    open_connection,
+)
 from rpbroker.config import BrokerConfig
 from rpbroker.errors import BrokerProtocolError, BrokerUnavailableError, RefusedError
 from rpbroker.events import EventKind, LifecycleEvent
 from rpbroker.policy.hello import Refusal
 from rpbroker.services import DEFAULT_IDLE_TIMEOUT_SECS, Isolation, load_service
 from rpbroker.wire import HelloReply, Negotiated
-from rpbroker.wire.codes import RefusalCode
 from rpbroker.wire.frames import MalformedMessage, decode, decode_frame
 from rpbroker.wire.framing import MAX_FRAME_BYTES, FramingError, TruncatedFrame, read_frame_body
 
@@ -226,17 +231,7 @@ class TestBroker:
             reply = decode(HelloReply, decode_frame(body).payload)
         except MalformedMessage as exc:
             raise BrokerProtocolError(f"bad reply to a Hello: {exc}") from exc
-        which = reply.WhichOneof("result")
-        if which == "negotiated":
-            negotiated: Negotiated = reply.negotiated
-            return negotiated
-        if which == "refused":
-            try:
-                code = RefusalCode(reply.refused.code)
-            except ValueError:
-                code = RefusalCode.UNSPECIFIED
-            raise RefusedError(code, reply.refused.reason, reply.refused.retry_after_ms or None)
-        raise BrokerProtocolError("HelloReply carries neither negotiated nor refused")
+        return negotiated_or_raise(reply)
 
     # -- backends -------------------------------------------------------------------------
 
