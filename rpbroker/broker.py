@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +30,7 @@ from typing import Any
 import trio
 
 import transports
-from rpbroker import admin
+from rpbroker import admin, control
 from rpbroker.backends import BackendHandle, BackendKey, BackendSupervisor
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog, LifecycleEvent
@@ -142,7 +141,6 @@ class Broker:
         self._stopped = trio.Event()
         self._drain_timeout_s = config.drain_timeout_s
         self._nursery: trio.Nursery | None = None
-        self._listener: transports.Listener | None = None
 
     # -- public API ---------------------------------------------------------------
 
@@ -210,7 +208,6 @@ class Broker:
         backend still alive; no descriptor, task or child process is left.
         """
         listener = await transports.open_listener(self.socket_path)
-        self._listener = listener
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -387,57 +384,52 @@ class Broker:
         self, stream: trio.abc.Stream, frame: Frame, peer: transports.PeerIdentity
     ) -> None:
         started = trio.current_time()
-        fault = check_envelope(
-            frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.CONTROL
-        )
-        if fault is not None:
-            code, reason = _ENVELOPE_REFUSALS[fault]
-            await self._refuse(stream, frame, Refusal(code, reason), peer.pid)
+        hello, spec = self._admit(frame, peer)
+        if isinstance(spec, Refusal):
+            await self._refuse(stream, frame, spec, peer.pid, hello)
             return
-        if not self._accepting:
-            await self._refuse(
-                stream,
-                frame,
-                Refusal(RefusalCode.SHUTTING_DOWN, "broker is shutting down"),
-                peer.pid,
-            )
-            return
-        if self.fd_guard.demoted:
-            await self._refuse(stream, frame, self.fd_guard.refusal(), peer.pid)
-            return
-        try:
-            hello = decode(Hello, frame.payload)
-        except MalformedMessage:
-            await self._refuse(
-                stream,
-                frame,
-                Refusal(RefusalCode.PEER_REJECTED, "malformed Hello payload"),
-                peer.pid,
-            )
-            return
-        refusal = check_hello_shape(hello, peer.pid) or self._rate_limiter.check(
-            peer.pid, trio.current_time()
-        )
-        spec: ServiceSpec | None = None
-        if refusal is None:
-            spec_or_refusal = self._load_service(hello.service_name)
-            if isinstance(spec_or_refusal, Refusal):
-                refusal = spec_or_refusal
-            else:
-                spec = spec_or_refusal
-                refusal = VersionPolicy(spec.min_version, spec.version_allow_list).check(
-                    hello.wanted_version
-                )
-        if refusal is not None or spec is None:
-            assert refusal is not None
-            await self._refuse(stream, frame, refusal, peer.pid, hello)
-            return
+        assert hello is not None  # a service is only chosen for a decoded Hello
         key = BackendKey(spec.instance_id, hello.service_name, hello.wanted_version)
         acquired = await self._acquire(key, spec, frame)
         if isinstance(acquired, Refusal):
             await self._refuse(stream, frame, acquired, peer.pid, hello)
             return
         await self._negotiate(stream, frame, hello, acquired, peer, started)
+
+    def _admit(
+        self, frame: Frame, peer: transports.PeerIdentity
+    ) -> tuple[Hello | None, ServiceSpec | Refusal]:
+        """Every check before a backend is looked for, in the reference order (SPEC §4).
+
+        Returns the decoded Hello (``None`` when it was refused before decoding) with
+        the service to route to, or the refusal.
+        """
+        fault = check_envelope(
+            frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.CONTROL
+        )
+        if fault is not None:
+            code, reason = _ENVELOPE_REFUSALS[fault]
+            return None, Refusal(code, reason)
+        if not self._accepting:
+            return None, Refusal(RefusalCode.SHUTTING_DOWN, "broker is shutting down")
+        if self.fd_guard.demoted:
+            return None, self.fd_guard.refusal()
+        try:
+            hello = decode(Hello, frame.payload)
+        except MalformedMessage:
+            return None, Refusal(RefusalCode.PEER_REJECTED, "malformed Hello payload")
+        refusal = check_hello_shape(hello, peer.pid) or self._rate_limiter.check(
+            peer.pid, trio.current_time()
+        )
+        if refusal is not None:
+            return hello, refusal
+        spec = self._load_service(hello.service_name)
+        if isinstance(spec, Refusal):
+            return hello, spec
+        refusal = VersionPolicy(spec.min_version, spec.version_allow_list).check(
+            hello.wanted_version
+        )
+        return hello, refusal if refusal is not None else spec
 
     def _load_service(self, name: str) -> ServiceSpec | Refusal:
         try:
@@ -520,8 +512,6 @@ class Broker:
         if isinstance(outcome, HandoffFellBack) and not outcome.fd_reached_backend:
             # The connection never left the broker: tell the client now so it falls
             # back at once instead of waiting for its handoff-ready timeout.
-            from rpbroker import control
-
             await self._send(
                 stream,
                 control.handoff_ready_event(
@@ -577,7 +567,3 @@ async def open_broker(
             yield broker
         finally:
             broker.request_shutdown()
-
-
-def default_log_level() -> str:
-    return os.environ.get("RPBROKER_LOG_LEVEL", "INFO")
