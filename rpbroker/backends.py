@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -154,9 +154,14 @@ class BackendSupervisor:
     """
 
     def __init__(
-        self, config: BrokerConfig, events: EventLog, launcher: BackendLauncher | None = None
+        self,
+        config: BrokerConfig,
+        events: EventLog,
+        launcher: BackendLauncher | None = None,
+        on_spawn: Callable[[BackendKey, SpawnOutcome], None] | None = None,
     ) -> None:
         self._config = config
+        self._on_spawn = on_spawn
         self._launcher: BackendLauncher = launcher or ProcessLauncher()
         self._events = events
         self._backends: dict[BackendKey, BackendHandle] = {}
@@ -336,6 +341,8 @@ class BackendSupervisor:
         try:
             async with trio.open_nursery() as nursery:
                 started = await self._start(handle, nursery)
+                if self._on_spawn is not None:
+                    self._on_spawn(key, SpawnOutcome.SUCCEEDED if started else SpawnOutcome.FAILED)
                 if budgeted:
                     self._spawn_budget.finish(
                         key,
@@ -384,7 +391,8 @@ class BackendSupervisor:
         )
         try:
             launched = await self._launcher.launch(request)
-        except transports.SpawnError as exc:
+        except (transports.SpawnError, OSError) as exc:
+            # OSError: e.g. EMFILE creating the control channel under fd pressure.
             return self._spawn_failure(handle, f"backend spawn failed: {exc}")
         handle.process, handle.channel = launched.process, launched.channel
         handle.pid = handle.process.pid
@@ -589,6 +597,13 @@ class BackendSupervisor:
             handle.expected_exit = True
             handle.state = BackendState.DRAINING
             self.idle.mark_draining(handle.key)
+            if not self._stopping:  # during shutdown, stop_all enforces the drain bound
+                # Whatever the backend answers (or not), it is gone within the drain
+                # bound: a draining backend that never exits would block its key.
+                drain_s = (
+                    drain_deadline_ms / 1000 if drain_deadline_ms else self._config.drain_timeout_s
+                )
+                self._spawn_task(self._kill_after_drain, handle, drain_s)
             self._events.emit(
                 EventKind.DRAINING,
                 service_name=handle.key.service_name,
@@ -665,7 +680,10 @@ class BackendSupervisor:
 
     async def _quiesce_one(self, handle: BackendHandle, reason: QuiesceReason) -> None:
         await self.broadcast(Quiesce(reason), targets=[handle])
-        with trio.move_on_after(self._config.drain_timeout_s):
+
+    async def _kill_after_drain(self, handle: BackendHandle, drain_s: float) -> None:
+        """Kill a quiesced backend that has not exited after ``drain_s`` seconds."""
+        with trio.move_on_after(drain_s):
             await handle.exited.wait()
         if handle.process is not None and not handle.exited.is_set():
             handle.process.kill_tree()

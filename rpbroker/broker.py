@@ -121,7 +121,14 @@ class Broker:
         self.config = config
         self.events = EventLog(config.event_log_size)
         self.metrics = BrokerMetrics()
-        self.backends = BackendSupervisor(config, self.events, launcher)
+        self.backends = BackendSupervisor(
+            config,
+            self.events,
+            launcher,
+            on_spawn=lambda key, outcome: self.metrics.spawn(
+                key.service_name, key.service_version, outcome.value
+            ),
+        )
         self.handoff = HandoffCoordinator(config, self.events)
         self.fd_guard = FdPressureGuard()
         self._catalog = ServiceCatalog(config.services_dir)

@@ -23,11 +23,13 @@ from typing import Any
 
 import trio
 
+import transports
 from rpbroker.admin_client import admin_request, broadcast_request
 from rpbroker.broker import Broker, serve_broker
 from rpbroker.config import BrokerConfig
 from rpbroker.errors import BrokerError
 from rpbroker.policy.broadcast import BroadcastOperation, Quiesce, QuiesceReason, ReleaseHandles
+from rpbroker.services import ServiceLoadError
 from rpbroker.wire.codes import AdminVerb
 
 _VERBS: dict[str, AdminVerb] = {
@@ -121,6 +123,17 @@ def _print_document(document: dict[str, Any], as_json: bool) -> None:
         print(f"{key}: {value}")
 
 
+#: Errors that are the operator's to fix, reported as one line and exit status 3.
+OPERATOR_ERRORS = (BrokerError, transports.TransportError, ServiceLoadError)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -173,8 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             body = json.dumps(json.loads(body), indent=2, sort_keys=True) + "\n"
         sys.stdout.write(body if body.endswith("\n") else body + "\n")
         return int(reply.exit_code)
-    except BrokerError as exc:
+    except OPERATOR_ERRORS as exc:
         print(f"rpbroker: {exc}", file=sys.stderr)
+        return 3
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap errors in groups; an operator error (socket in use,
+        # insecure directory, no broker) is reported as one line, not a traceback.
+        matched, rest = group.split(OPERATOR_ERRORS)
+        if matched is None or rest is not None:
+            raise
+        for leaf in _leaves(matched):
+            print(f"rpbroker: {leaf}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         return 130

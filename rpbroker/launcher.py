@@ -76,7 +76,10 @@ class ProcessLauncher:
     """Starts backends as real child processes with an inherited control channel."""
 
     async def launch(self, request: LaunchRequest) -> LaunchedBackend:
-        channel, child = transports.open_control_pair()
+        try:
+            channel, child = transports.open_control_pair()
+        except OSError as exc:
+            raise transports.SpawnError(f"cannot create the control channel: {exc}") from exc
         env = dict(os.environ)
         env.update(request.extra_env)
         env.update(request.spec.env)

@@ -3,7 +3,8 @@
 ``RPB_TEST_MODE`` selects it:
 - ``echo``: the real SDK with an echo handler (the default);
 - ``exit-before-ready``: exits with status 3 before reporting ready;
-- ``crash-after-ready``: reports ready through the SDK, then exits with status 4;
+- ``crash-after-ready``: reports ready through the SDK, then exits with a failure
+  status (trio wraps the ``SystemExit(4)`` in an exception group, so it is 1);
 - ``reject``: raw control loop; refuses every offer (tells the client, ACKs false);
 - ``never-ack``: raw; holds the passed connection and never answers;
 - ``die-on-offer``: raw; exits as soon as an offer with a connection arrives;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import trio
 
@@ -130,6 +132,31 @@ def _read_gate(path: str) -> None:
         f.read(1)
 
 
+async def slow_release(prefix: str) -> None:
+    await trio.sleep(float(os.environ.get("RPB_TEST_HOOK_SLEEP", "30")))
+
+
+async def failing_release(prefix: str) -> None:
+    raise RuntimeError(f"scripted failure releasing {prefix}")
+
+
+async def barrier_release(prefix: str) -> None:
+    directory = os.environ["RPB_TEST_BARRIER"]
+    expected = int(os.environ["RPB_TEST_BARRIER_COUNT"])
+    with open(os.path.join(directory, str(os.getpid())), "w"):
+        pass
+    # The other backends live in other processes: nothing to wait on but the directory.
+    while len(os.listdir(directory)) < expected:
+        await trio.sleep(0.01)
+
+
+RELEASE_HOOKS = {
+    "broadcast-slow": slow_release,
+    "broadcast-fail": failing_release,
+    "broadcast-barrier": barrier_release,
+}
+
+
 def main() -> None:
     if MODE == "exit-before-ready":
         sys.exit(3)
@@ -147,6 +174,9 @@ def main() -> None:
         return
     if MODE == "echo":
         trio.run(serve_backend, echo)
+        return
+    if MODE in RELEASE_HOOKS:
+        trio.run(partial(serve_backend, echo, on_release_handles=RELEASE_HOOKS[MODE]))
         return
     trio.run(raw_backend)
 
