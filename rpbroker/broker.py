@@ -397,7 +397,16 @@ class Broker:
             return
         assert hello is not None  # a service is only chosen for a decoded Hello
         key = BackendKey(spec.instance_id, hello.service_name, hello.wanted_version)
-        acquired = await self._acquire(key, spec, frame)
+        acquired = await self._acquire(key, spec, frame, stream)
+        if acquired is None:
+            self.events.emit(
+                EventKind.PEER_DROPPED,
+                service_name=hello.service_name,
+                service_version=hello.wanted_version,
+                pid=peer.pid,
+                reason="client left while its Hello waited for the backend",
+            )
+            return
         if isinstance(acquired, Refusal):
             await self._refuse(stream, frame, acquired, peer.pid, hello)
             return
@@ -451,9 +460,13 @@ class Broker:
             )
 
     async def _acquire(
-        self, key: BackendKey, spec: ServiceSpec, frame: Frame
-    ) -> BackendHandle | Refusal:
-        """Wait for the backend under the Hello's own deadline, or until shutdown begins."""
+        self, key: BackendKey, spec: ServiceSpec, frame: Frame, stream: trio.abc.Stream
+    ) -> BackendHandle | Refusal | None:
+        """Wait for the backend under the Hello's own deadline, or until shutdown begins.
+
+        Returns ``None`` when the client hangs up meanwhile: its wait is cancelled,
+        while the spawn goes on for everyone else (it runs in the supervisor).
+        """
         running = self.backends.running(key)
         if running is not None:
             return running
@@ -462,13 +475,24 @@ class Broker:
         else:
             remaining = self.config.hello_wait_timeout_s
         result: BackendHandle | Refusal | None = None
+        client_left = False
+
+        async def watch_client(scope: trio.CancelScope) -> None:
+            nonlocal client_left
+            if await transports.wait_peer_closed(stream):
+                client_left = True
+                scope.cancel()
+
         async with trio.open_nursery() as race:
             race.start_soon(_cancel_on, self._stopping, race.cancel_scope)
+            race.start_soon(watch_client, race.cancel_scope)
             with trio.move_on_after(max(0.0, remaining)):
                 result = await self.backends.acquire(key, spec)
             race.cancel_scope.cancel()
         if result is not None:
             return result
+        if client_left:
+            return None
         if self._stopping.is_set():
             return Refusal(RefusalCode.SHUTTING_DOWN, "broker is shutting down")
         return Refusal(

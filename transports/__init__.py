@@ -59,6 +59,7 @@ if sys.platform == "win32":
         spawn_child,
         user_hash,
         verify_private_dir,
+        wait_peer_closed,
     )
 else:
     from transports._unix import (
@@ -77,6 +78,7 @@ else:
         spawn_child,
         user_hash,
         verify_private_dir,
+        wait_peer_closed,
     )
 
 __all__ = [
@@ -119,4 +121,5 @@ __all__ = [
     "spawn_child",
     "user_hash",
     "verify_private_dir",
+    "wait_peer_closed",
 ]

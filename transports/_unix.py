@@ -35,7 +35,7 @@ from transports._unix_control import (
     open_control_pair,
     open_inherited_control_channel,
 )
-from transports._unix_fds import open_fd_count
+from transports._unix_fds import open_fd_count, wait_peer_closed
 from transports._unix_listen import UnixListener, open_listener
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
@@ -74,4 +74,5 @@ __all__ = [
     "user_hash",
     "mode_is_private",
     "verify_private_dir",
+    "wait_peer_closed",
 ]

@@ -84,3 +84,29 @@ def stream_from_fd(fd: int) -> trio.SocketStream:
     except BaseException:
         sock.close()
         raise
+
+
+async def wait_peer_closed(stream: trio.abc.Stream) -> bool:
+    """Wait until the peer of ``stream`` hangs up, without consuming any byte.
+
+    Returns True once the peer has closed (a peek sees end-of-stream or an error)
+    and False as soon as data is waiting instead: those bytes belong to whoever
+    reads the stream next, so a hang-up behind them cannot be observed without
+    taking them. A stream that is not a socket is never reported closed.
+
+    Cancellation: safe at any point; nothing is read.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        await trio.sleep_forever()
+    fd = stream.socket.fileno()
+    await trio.lowlevel.wait_readable(fd)
+    sock = socket.socket(fileno=fd)
+    try:
+        peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()
+    return peeked == b""

@@ -296,4 +296,16 @@ __all__ = [
     "user_hash",
     "mode_is_private",
     "verify_private_dir",
+    "wait_peer_closed",
 ]
+
+
+async def wait_peer_closed(stream: trio.abc.Stream) -> bool:
+    """Not observable without reading on a named pipe here: waits forever.
+
+    Callers bound their waits by their own deadlines, so this only means a client
+    that leaves while its Hello waits is noticed at the deadline, not at once.
+    Cancellation: safe (only waits).
+    """
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")

@@ -10,6 +10,7 @@ import trio
 
 import rpbroker
 import transports
+from rpbroker.client import hello_frame
 from rpbroker.events import EventKind
 
 from .support import Workspace, child_pids, fd_count, round_trip
@@ -89,6 +90,32 @@ async def test_client_cancelled_during_spawn_wait_does_not_cancel_the_spawn(
             assert fd_count() <= baseline + 3
 
 
+async def test_client_leaving_during_spawn_wait_frees_its_hello_at_once(
+    workspace: Workspace,
+) -> None:
+    gate = workspace.root / "gate"
+    os.mkfifo(gate, 0o600)
+    workspace.add_service("slow", mode="wait-gate", env={"RPB_TEST_GATE": str(gate)})
+    async with rpbroker.open_broker(workspace.config(hello_wait_timeout_s=60)) as broker:
+        with trio.fail_after(30):
+            stream = await transports.connect(broker.socket_path)
+            await stream.send_all(hello_frame("slow", "1.0.0", handoff=False))
+            await wait_for_event(broker, EventKind.SPAWNING)
+            await stream.aclose()
+            # The broker notices the hang-up while the spawn is still held at the
+            # gate: its Hello task ends long before the 60 s wait would.
+            await broker.wait_connections_closed()
+            dropped = [e for e in broker.recent_events() if e.kind is EventKind.PEER_DROPPED]
+            assert [e.reason for e in dropped] == [
+                "client left while its Hello waited for the backend"
+            ]
+            await trio.to_thread.run_sync(_open_gate, gate)
+            async with rpbroker.connect("slow", "1.0.0", broker=broker.socket_path) as routed:
+                assert await round_trip(routed, b"after") == b"after"
+            spawned = [e for e in broker.recent_events() if e.kind is EventKind.SPAWNING]
+            assert len(spawned) == 1
+
+
 def _open_gate(path: Path) -> None:
     with open(path, "wb") as f:
         f.write(b"x")
@@ -127,7 +154,9 @@ async def test_cancelling_the_embedding_scope_with_clients_connected(
     with trio.fail_after(30):
         streams: list[rpbroker.BrokeredStream] = []
         with trio.CancelScope() as scope:
-            async with rpbroker.open_broker(echo_workspace.config()) as broker:
+            # Cancellation drains like a requested shutdown; keep the drain short
+            # because these clients hold their connections open.
+            async with rpbroker.open_broker(echo_workspace.config(drain_timeout_s=0.5)) as broker:
                 for handoff in (True, False, True):
                     stream = await rpbroker.open_connection(
                         "echo",
