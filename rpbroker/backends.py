@@ -23,8 +23,9 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVarTuple, Unpack
 
 import attrs
 import trio
@@ -69,6 +70,8 @@ from rpbroker.wire.codes import RefusalCode
 from rpbroker.wire.framing import MAX_FRAME_BYTES
 
 logger = logging.getLogger("rpbroker.backends")
+
+PosArgsT = TypeVarTuple("PosArgsT")
 
 #: retry_after for a failed spawn, ms (facts §5.6: 1000 ms).
 SPAWN_FAILED_RETRY_AFTER_MS = 1000
@@ -206,10 +209,13 @@ class BackendSupervisor:
         self._stopping = True
         self._closed.set()
 
-    def _spawn_task(self, fn: object, *args: object) -> None:
+    def _spawn_task(
+        self, fn: Callable[[Unpack[PosArgsT]], Awaitable[object]], *args: *PosArgsT
+    ) -> None:
+        """Start a supervisor-owned task (it outlives the Hello that caused it)."""
         if self._nursery is None:
             raise RuntimeError("backend supervisor is not running")
-        self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+        self._nursery.start_soon(fn, *args)
 
     async def _kill_all(self) -> None:
         for handle in list(self._backends.values()):

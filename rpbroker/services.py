@@ -833,6 +833,7 @@ def list_services(directory: os.PathLike[str] | str) -> list[str]:
 
 def _to_servicedef(spec: ServiceSpec) -> ServiceDefinition:
     from rpbroker.wire import ServiceDefinition
+    from rpbroker.wire._pb.broker_v1_pb2 import BrokerIsolation as WireIsolation
 
     lost: list[str] = []
     if len(spec.command) != 1:
@@ -851,7 +852,7 @@ def _to_servicedef(spec: ServiceSpec) -> ServiceDefinition:
     return ServiceDefinition(
         service_name=spec.service_name,
         binary_path=spec.command[0],
-        isolation=_TO_WIRE_ISOLATION[spec.isolation].value,  # type: ignore[arg-type]
+        isolation=WireIsolation.ValueType(_TO_WIRE_ISOLATION[spec.isolation]),
         explicit_instance=spec.explicit_instance or "",
         min_version=spec.min_version or "",
         version_allow_list=list(spec.version_allow_list),
