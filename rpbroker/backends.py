@@ -32,6 +32,7 @@ import trio
 
 import transports
 from rpbroker import control
+from rpbroker._scopes import cancel_when_set
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog
 from rpbroker.launcher import BackendLauncher, LaunchRequest, ProcessLauncher
@@ -407,8 +408,8 @@ class BackendSupervisor:
         started_at = trio.current_time()
         with trio.move_on_after(self._config.spawn_ready_timeout_s):
             async with trio.open_nursery() as race:
-                race.start_soon(_set_then_cancel, handle.ready, race.cancel_scope)
-                race.start_soon(_set_then_cancel, handle.exited, race.cancel_scope)
+                race.start_soon(cancel_when_set, handle.ready, race.cancel_scope)
+                race.start_soon(cancel_when_set, handle.exited, race.cancel_scope)
         decision = self._spawn_wait.decide(
             elapsed_s=trio.current_time() - started_at,
             daemon_alive=not handle.exited.is_set(),
@@ -723,11 +724,6 @@ class BackendSupervisor:
         for handle in live:
             await handle.finished.wait()
         return result
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 def _state_of(handle: BackendHandle) -> BackendState:

@@ -31,6 +31,7 @@ import trio
 
 import transports
 from rpbroker import admin, control
+from rpbroker._scopes import cancel_when_set
 from rpbroker.backends import BackendHandle, BackendKey, BackendSupervisor
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog, LifecycleEvent
@@ -484,7 +485,7 @@ class Broker:
                 scope.cancel()
 
         async with trio.open_nursery() as race:
-            race.start_soon(_cancel_on, self._stopping, race.cancel_scope)
+            race.start_soon(cancel_when_set, self._stopping, race.cancel_scope)
             race.start_soon(watch_client, race.cancel_scope)
             with trio.move_on_after(max(0.0, remaining)):
                 result = await self.backends.acquire(key, spec)
@@ -559,11 +560,6 @@ def response_frame(request: Frame | None, protocol: int, payload: bytes) -> byte
     if request is None:
         request = Frame(envelope_version=PROTOCOL_VERSION, payload_protocol=protocol)
     return framed(response_to(request, payload, payload_protocol=protocol))
-
-
-async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 async def serve_broker(
