@@ -37,6 +37,7 @@ from rpbroker.errors import BackendEnvironmentError
 from rpbroker.launcher import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
 from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
 from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, parse_token
+from rpbroker.streams import PrefixedStream
 from rpbroker.wire import DaemonProcess, Endpoint
 from rpbroker.wire.frames import MalformedMessage, decode_frame
 from rpbroker.wire.framing import MAX_FRAME_BYTES
@@ -98,7 +99,7 @@ class BackendContext:
         )
 
 
-class _ProbeAwareStream(trio.abc.Stream):
+class _ProbeAwareStream(PrefixedStream):
     """A reconnect-route stream that answers an endpoint probe instead of passing it on.
 
     The first ``receive_some`` compares the incoming bytes with the fixed prefix of a
@@ -107,10 +108,10 @@ class _ProbeAwareStream(trio.abc.Stream):
     """
 
     def __init__(self, inner: trio.abc.Stream, identity: Callable[[], DaemonProcess]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._identity = identity
-        self._pending = b""
         self._sniffed = False
+        self._probe_answered = False
 
     async def _sniff(self) -> None:
         self._sniffed = True
@@ -124,37 +125,25 @@ class _ProbeAwareStream(trio.abc.Stream):
                 break
             buf += chunk
         if len(buf) == _PROBE_FRAME_BYTES and buf.startswith(PROBE_REQUEST_PREFIX):
+            body = buf[transports.FRAME_HEADER_BYTES :]
             try:
-                frame = decode_frame(buf[transports.FRAME_HEADER_BYTES :])
-                parse_probe_request(frame.payload)
+                parse_probe_request(body)  # envelope (REQUEST, 0xB232) and 32-byte nonce
+                frame = decode_frame(body)
             except MalformedMessage:
-                self._pending = buf
+                self._prefix = buf
                 return
             await self._inner.send_all(probe_reply_frame(frame, self._identity()))
+            self._probe_answered = True
             return
-        self._pending = buf
+        self._prefix = buf
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if not self._sniffed:
             await self._sniff()
-        if self._pending:
-            size = len(self._pending) if max_bytes is None else max_bytes
-            data, self._pending = self._pending[:size], self._pending[size:]
-            return data
-        return bytes(await self._inner.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        if isinstance(self._inner, trio.abc.HalfCloseableStream):
-            await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        if self._probe_answered:
+            await trio.lowlevel.checkpoint()
+            return b""  # a probe connection carries nothing for the handler
+        return await super().receive_some(max_bytes)
 
 
 class _Backend:

@@ -34,6 +34,7 @@ from rpbroker.errors import (
     ConnectTimeoutError,
     RefusedError,
 )
+from rpbroker.streams import PrefixedStream
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
 from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
 from rpbroker.wire.frames import (
@@ -80,8 +81,11 @@ class Route(enum.Enum):
     HELLO_SKIP = "hello-skip"
 
 
-class BrokeredStream(trio.abc.HalfCloseableStream):
-    """A stream to the backend, with the route that produced it."""
+class BrokeredStream(PrefixedStream):
+    """A stream to the backend, with the route that produced it.
+
+    ``prefix`` holds backend bytes that arrived together with the broker's frames.
+    """
 
     def __init__(
         self,
@@ -91,9 +95,7 @@ class BrokeredStream(trio.abc.HalfCloseableStream):
         negotiated: Negotiated | None,
         prefix: bytes = b"",
     ) -> None:
-        self._inner = inner
-        # Backend bytes that arrived together with the broker's frames.
-        self._prefix = prefix
+        super().__init__(inner, prefix)
         self.route = route
         #: The backend endpoint (cached for Hello-skip).
         self.endpoint = endpoint
@@ -103,27 +105,6 @@ class BrokeredStream(trio.abc.HalfCloseableStream):
     @property
     def connection_id(self) -> int:
         return self.negotiated.connection_id if self.negotiated is not None else 0
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._inner.receive_some(max_bytes)
-
-    async def send_eof(self) -> None:
-        if isinstance(self._inner, trio.abc.HalfCloseableStream):
-            await self._inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 def default_broker_endpoint() -> str:

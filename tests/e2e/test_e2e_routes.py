@@ -95,3 +95,32 @@ async def test_distinct_versions_get_distinct_backends(broker: rpbroker.Broker) 
             assert a.endpoint != b.endpoint
     versions = sorted(h.key.service_version for h in broker.backends)
     assert versions == ["1.0.0", "1.2.0"]
+
+
+async def test_backend_endpoint_answers_the_probe_and_passes_other_bytes(
+    broker: rpbroker.Broker,
+) -> None:
+    import transports
+    from rpbroker.wire.frames import decode_frame
+    from rpbroker.wire.framing import MAX_FRAME_BYTES, read_frame_body
+    from rpbroker.wire.probe import PROBE_REQUEST_PREFIX, parse_probe_reply, probe_request_frame
+
+    with trio.fail_after(20):
+        async with rpbroker.connect("echo", "1.0.0", broker=broker.socket_path) as first:
+            endpoint = first.endpoint
+        backend = next(iter(broker.backends))
+        nonce = bytes(range(32))
+        probe = await transports.connect(endpoint)
+        async with probe:
+            await probe.send_all(probe_request_frame(nonce))
+            body = await read_frame_body(probe, MAX_FRAME_BYTES)
+            assert decode_frame(body).kind == 1  # RESPONSE
+            identity = parse_probe_reply(body, nonce)
+            assert identity.pid == backend.pid
+            assert identity.ipc_endpoint.path == endpoint
+            assert await probe.receive_some(10) == b""  # the handler saw end-of-stream
+        # Application bytes that start like a probe but diverge reach the handler.
+        lookalike = PROBE_REQUEST_PREFIX[:7] + b"-not-a-probe"
+        plain = await transports.connect(endpoint)
+        async with plain:
+            assert await round_trip(plain, lookalike) == lookalike
