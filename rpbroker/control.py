@@ -37,7 +37,8 @@ from rpbroker.wire import Quiesce as QuiesceMessage
 from rpbroker.wire import ReleaseHandles as ReleaseHandlesMessage
 from rpbroker.wire._pb import rpbroker_lifecycle_pb2 as _lc
 from rpbroker.wire._pb.broker_v1_pb2 import FrameKind as _WireFrameKind
-from rpbroker.wire.codes import FrameKind
+from rpbroker.wire.codes import BroadcastAckStatus, FrameKind
+from rpbroker.wire.codes import QuiesceReason as WireQuiesceReason
 from rpbroker.wire.frames import (
     MalformedMessage,
     check_envelope,
@@ -52,22 +53,21 @@ from rpbroker.wire.frames import (
 from rpbroker.wire.framing import FRAME_HEADER_BYTES
 from rpbroker.wire.protocols import PayloadProtocol
 
-#: Wire values of ``rpbroker.lifecycle.v1.QuiesceReason``.
+#: Policy quiesce reasons and their wire enum values.
 _QUIESCE_WIRE = {
-    QuiesceReason.IDLE_TIMEOUT: 1,
-    QuiesceReason.BROKER_SHUTDOWN: 2,
-    QuiesceReason.MAINTENANCE: 3,
+    QuiesceReason.IDLE_TIMEOUT: WireQuiesceReason.IDLE_TIMEOUT,
+    QuiesceReason.BROKER_SHUTDOWN: WireQuiesceReason.BROKER_SHUTDOWN,
+    QuiesceReason.MAINTENANCE: WireQuiesceReason.MAINTENANCE,
 }
-_QUIESCE_FROM_WIRE = {v: k for k, v in _QUIESCE_WIRE.items()}
+_QUIESCE_FROM_WIRE: dict[int, QuiesceReason] = {int(v): k for k, v in _QUIESCE_WIRE.items()}
 
-#: Wire values of ``rpbroker.lifecycle.v1.BroadcastAckStatus``.
-ACK_STATUS_ACKED = 1
+#: Broadcast failures and their ``BroadcastAckStatus`` wire values (ACKED is success).
 _FAILURE_WIRE = {
-    BroadcastFailure.UNSUPPORTED_OPERATION: 2,
-    BroadcastFailure.REJECTED: 3,
-    BroadcastFailure.BACKEND_ERROR: 4,
+    BroadcastFailure.UNSUPPORTED_OPERATION: BroadcastAckStatus.UNSUPPORTED_OPERATION,
+    BroadcastFailure.REJECTED: BroadcastAckStatus.REJECTED,
+    BroadcastFailure.BACKEND_ERROR: BroadcastAckStatus.BACKEND_ERROR,
 }
-_FAILURE_FROM_WIRE = {v: k for k, v in _FAILURE_WIRE.items()}
+_FAILURE_FROM_WIRE: dict[int, BroadcastFailure] = {int(v): k for k, v in _FAILURE_WIRE.items()}
 
 
 class ControlMessageError(Exception):
@@ -188,7 +188,7 @@ def get_operation(source: BroadcastCommand | BroadcastRequest) -> BroadcastOpera
         return ReleaseHandles(path_prefix=source.release_handles.path_prefix)
     if which == "quiesce":
         return Quiesce(
-            reason=_QUIESCE_FROM_WIRE.get(source.quiesce.reason, QuiesceReason.MAINTENANCE)
+            reason=_QUIESCE_FROM_WIRE.get(int(source.quiesce.reason), QuiesceReason.MAINTENANCE)
         )
     return None
 
@@ -202,7 +202,7 @@ def broadcast_command(
 
 
 def broadcast_reply(operation_id: int, failure: BroadcastFailure | None, detail: str = "") -> bytes:
-    status = ACK_STATUS_ACKED if failure is None else _FAILURE_WIRE[failure]
+    status = BroadcastAckStatus.ACKED if failure is None else _FAILURE_WIRE[failure]
     ack = BroadcastAck(
         operation_id=operation_id, status=_lc.BroadcastAckStatus.ValueType(status), detail=detail
     )
@@ -306,7 +306,8 @@ def _parse_lifecycle(frame: Frame) -> Inbound:
         )
     if which == "broadcast_ack":
         ack = msg.broadcast_ack
-        failure = None if ack.status == ACK_STATUS_ACKED else _failure_of(ack.status)
+        status = int(ack.status)
+        failure = None if status == BroadcastAckStatus.ACKED else _failure_of(status)
         return BroadcastReply(operation_id=ack.operation_id, failure=failure, detail=ack.detail)
     if which == "broadcast":
         cmd = msg.broadcast

@@ -109,9 +109,6 @@ class HandoffCoordinator:
         self.acks.register(token, backend.ref, now)
         return token
 
-    def abandon(self, token: HandoffToken) -> None:
-        self.acks.abandon(token)
-
     async def attempt(
         self,
         client: trio.abc.Stream,
