@@ -288,7 +288,7 @@ async def _fanout_real(count: int) -> dict[str, Any]:
 
 def bench_policy() -> dict[str, Any]:
     from rpbroker.policy.ack import AckRegistry, BackendRef
-    from rpbroker.policy.fallback import FallbackPolicy, FallbackState
+    from rpbroker.policy.fallback import AttemptResult, FallbackPolicy, FallbackState
     from rpbroker.policy.tokens import TokenStore
 
     def per_op(fn: Callable[[], None], ops: int) -> float:
@@ -311,16 +311,21 @@ def bench_policy() -> dict[str, Any]:
                 acks.register(token, BackendRef("svc", 1), 1.0)
                 acks.acknowledge(token, 2.0)
 
-        state = FallbackState(FallbackPolicy(max_failed_attempts=8, window_s=3600))
+        state: FallbackState[Any] = FallbackState(
+            FallbackPolicy(max_failed_attempts=8, window_s=3600)
+        )
         for i in range(size):
-            state.record_failure(("k", i), 0.0)
+            state.attempt_started(("k", i))
+            state.attempt_ended(("k", i), AttemptResult.FAILED, 0.0)
         keys = [("p", i) for i in range(probes)]
 
-        def fallback_cycle(state: FallbackState = state, keys: list[Any] = keys) -> None:
+        def fallback_cycle(state: FallbackState[Any] = state, keys: list[Any] = keys) -> None:
             for key in keys:
-                state.record_failure(key, 1.0)
+                state.attempt_started(key)
+                state.attempt_ended(key, AttemptResult.FAILED, 1.0)
                 state.should_attempt(key, _inputs(), 1.0)
-                state.record_success(key)
+                state.attempt_started(key)
+                state.attempt_ended(key, AttemptResult.SUCCEEDED, 1.0)
 
         out[f"ack_register_acknowledge_ns_{size}"] = round(per_op(ack_cycle, probes))
         out[f"fallback_cycle_ns_{size}"] = round(per_op(fallback_cycle, probes))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+import transports
 from rpbroker import control
 from rpbroker.policy.broadcast import BroadcastOperation
 from rpbroker.wire import AdminReply, AdminRequest, BroadcastReport, Frame, LifecycleMessage
@@ -163,7 +164,7 @@ def metrics_text(broker: Broker) -> str:
         active_backends=active,
         budget_remaining=budget,
         connections_open=broker.connections_open,
-        fd_usage_ratio=0.0,
+        fd_usage_ratio=transports.fd_usage_ratio() or 0.0,
         uptime_seconds=time.time() - broker.started_at,
     )
 
@@ -232,9 +233,9 @@ def render(broker: Broker, request: AdminRequest) -> AdminReply:
             {
                 "service_version": h.key.service_version,
                 "pid": h.pid,
-                "state": h.state.value,
+                "state": h.status,
                 "last_hello_unix_ms": h.last_active_unix_ms,
-                "last_error": h.failure or None,
+                "last_error": h.spawn_failure_detail or None,
             }
             for h in broker.backends
             if h.key.service_name == service

@@ -29,18 +29,16 @@ from typing import Any
 
 import attrs
 import trio
-import trio.testing
 
 import transports
 from rpbroker import control
 from rpbroker.errors import BackendEnvironmentError
 from rpbroker.launcher import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
 from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
-from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, parse_token
+from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, TokenVerdict, parse_token
 from rpbroker.streams import PrefixedStream
 from rpbroker.wire import DaemonProcess, Endpoint
 from rpbroker.wire.frames import MalformedMessage, decode_frame
-from rpbroker.wire.framing import MAX_FRAME_BYTES
 from rpbroker.wire.probe import PROBE_REQUEST_PREFIX, parse_probe_request, probe_reply_frame
 
 logger = logging.getLogger("rpbroker.backend")
@@ -59,6 +57,17 @@ CONSUMED_TOKEN_MEMORY = 4096
 #: Longest an ACK waits for the backend to go idle before it is sent anyway, s.
 #: Far below the broker's 5 s ACK deadline.
 ACK_IDLE_WAIT_S = 0.05
+#: Bound on a release-handles hook when the broker's command states no ACK timeout, s
+#: (the broker's default ACK timeout: after it the broker has stopped listening).
+HOOK_TIMEOUT_S = 5.0
+#: How much earlier than the broker's drain deadline a quiescing backend cancels its
+#: remaining connections and returns, s (at most a fifth of the drain): the broker
+#: sends SIGTERM at its deadline, so a backend that ends its own work first exits
+#: cleanly instead of being signalled.
+DRAIN_EXIT_MARGIN_S = 0.25
+#: Largest control frame the SDK accepts from the broker, bytes (an offer or a
+#: broadcast command is well under 1 KiB).
+MAX_CONTROL_FRAME_BYTES = 64 * 1024
 #: Minimum spacing of activity reports to the broker, seconds. Idle timeouts are
 #: tens of seconds, so a report a second is ample and costs nothing per connection.
 ACTIVITY_REPORT_INTERVAL_S = 1.0
@@ -166,6 +175,8 @@ class _Backend:
         self.completed_connections = 0
         self.started_at_ms = int(time.time() * 1000)
         self._consumed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: Passed connections handed to a handler (the offer task must not close them).
+        self._adopted: set[trio.abc.Stream] = set()
         self._activity = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -233,9 +244,16 @@ class _Backend:
     # -- control channel -------------------------------------------------------------
 
     async def _control_loop(self, done: trio.CancelScope) -> None:
+        """Read the broker's commands; each offer and each broadcast runs in its own task.
+
+        So a slow release hook or a quiesce drain never holds up a handoff.
+        Cancellation: ends the loop; offers already received close their
+        connection if they did not adopt it.
+        """
+        assert self._services is not None
         try:
             while True:
-                message = await self.channel.receive_message(MAX_FRAME_BYTES)
+                message = await self.channel.receive_message(MAX_CONTROL_FRAME_BYTES)
                 try:
                     inbound = control.parse(message.framed)
                 except control.ControlMessageError as exc:
@@ -244,22 +262,46 @@ class _Backend:
                         await message.passed.stream.aclose()
                     continue
                 if isinstance(inbound, control.OfferNotice):
-                    await self._on_offer(inbound, message.passed)
+                    self._services.start_soon(self._offer_task, inbound, message.passed)
                 elif isinstance(inbound, control.BroadcastNotice):
-                    await self._on_broadcast(inbound, done)
+                    self._services.start_soon(self._on_broadcast, inbound, done)
                 elif message.passed is not None:
                     await message.passed.stream.aclose()
         except (transports.ChannelClosedError, transports.ChannelProtocolError) as exc:
             logger.info("broker went away (%s); stopping", exc)
             done.cancel()
 
+    async def _offer_task(
+        self, notice: control.OfferNotice, passed: transports.PassedConnection | None
+    ) -> None:
+        """Run one offer; a connection it did not adopt is always closed.
+
+        Cancellation: the unadopted connection is closed (shielded).
+        """
+        if passed is None:
+            offer = notice.offer
+            passed = self.channel.adopt_handle_value(offer.handle_value, bytes(offer.token))
+        try:
+            await self._on_offer(notice, passed)
+        finally:
+            if passed is not None and passed.stream not in self._adopted:
+                with trio.CancelScope(shield=True):
+                    await passed.stream.aclose()
+            if passed is not None:
+                self._adopted.discard(passed.stream)
+
     async def _on_offer(
         self, notice: control.OfferNotice, passed: transports.PassedConnection | None
     ) -> None:
-        offer, _frame = notice.offer, notice.frame
+        """Check one offer; adopt (EVENT to the client, serve, ACK when idle) or refuse.
+
+        A refusal is acknowledged to the broker *before* the client is told, so
+        the broker counts the failure before the client can come back to it.
+
+        Cancellation: safe; ``_offer_task`` closes a connection left unadopted.
+        """
+        offer = notice.offer
         token_bytes = bytes(offer.token)
-        if passed is None:
-            passed = self.channel.adopt_handle_value(offer.handle_value, token_bytes)
         detail = self._offer_problem(notice, passed)
         if detail is None and passed is not None:
             try:
@@ -276,9 +318,9 @@ class _Backend:
                 detail = "client connection failed while confirming the handoff"
             else:
                 self._remember(token_bytes)
+                self._adopted.add(passed.stream)
                 self._start_handler(passed.stream)
-                # The ACK is off the client's critical path: the handler task,
-                # started first, runs before this send.
+                # The ACK is off the client's critical path: the handler runs first.
                 assert self._services is not None
                 self._services.start_soon(
                     self._send_when_idle,
@@ -290,8 +332,29 @@ class _Backend:
                     ),
                 )
                 return
-        # Rejected: tell the client first (it falls back at once), then the broker.
+        await self._refuse(notice, passed, detail or "refused")
+
+    async def _refuse(
+        self, notice: control.OfferNotice, passed: transports.PassedConnection | None, detail: str
+    ) -> None:
+        """Refuse an offer: ACK ``accepted=False`` to the broker, then tell the client.
+
+        Cancellation: safe; the caller closes the connection.
+        """
+        offer = notice.offer
+        token_bytes = bytes(offer.token)
+        logger.info("refused handoff %d: %s", offer.correlation_id, detail)
+        with contextlib.suppress(transports.ChannelClosedError):
+            await self.channel.send_message(
+                control.handoff_reply(
+                    token=token_bytes,
+                    accepted=False,
+                    detail=detail,
+                    correlation_id=offer.correlation_id,
+                )
+            )
         if passed is not None:
+            # Tell the client: it falls back at once instead of at the deadline.
             with (
                 trio.move_on_after(READY_WRITE_TIMEOUT_S),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
@@ -300,20 +363,10 @@ class _Backend:
                     control.handoff_ready_event(
                         token=token_bytes,
                         accepted=False,
-                        detail=detail or "",
+                        detail=detail,
                         correlation_id=offer.correlation_id,
                     )
                 )
-            await passed.stream.aclose()
-        logger.info("refused handoff %d: %s", offer.correlation_id, detail)
-        await self.channel.send_message(
-            control.handoff_reply(
-                token=token_bytes,
-                accepted=False,
-                detail=detail or "refused",
-                correlation_id=offer.correlation_id,
-            )
-        )
 
     def _offer_problem(
         self, notice: control.OfferNotice, passed: transports.PassedConnection | None
@@ -327,25 +380,36 @@ class _Backend:
         if passed is None:
             return "no connection arrived with the offer"
         if len(passed.token) != HANDOFF_TOKEN_BYTES or HandoffToken(passed.token) != parsed:
-            return "handoff token mismatch"
+            return TokenVerdict.MISMATCH.detail()
         if bytes(offer.token) in self._consumed:
-            return "handoff token is not pending"
+            return TokenVerdict.NOT_PENDING.detail()
+        # The adoption deadline agreed with the broker and the client: never adopt
+        # at or after it (the client may already have re-sent its request).
         if frame.deadline_unix_ms and time.time() * 1000 >= frame.deadline_unix_ms:
-            return "handoff token expired"
+            return TokenVerdict.EXPIRED.detail()
         if offer.service_name and offer.service_name != self.ctx.service_name:
             return "offer names another service"
         return None
 
     async def _send_when_idle(self, framed: bytes) -> None:
-        """Send a control message once this process has nothing more urgent to run.
+        """Send a control message once no other task of this process is ready to run.
 
         Used for the HandoffAck: the adopted client's first exchange goes first, so
         the ACK (and the broker's work on receiving it) never competes with it for
-        a CPU. Bounded, so a busy backend still ACKs well inside the deadline.
+        a CPU. Bounded by ``ACK_IDLE_WAIT_S``, so a busy backend still ACKs well
+        inside the deadline.
+
+        Cancellation: the message is not sent.
         """
-        with trio.move_on_after(ACK_IDLE_WAIT_S):
-            await trio.testing.wait_all_tasks_blocked()
-        await self.channel.send_message(framed)
+        give_up_at = trio.current_time() + ACK_IDLE_WAIT_S
+        await trio.lowlevel.checkpoint()
+        while (
+            trio.lowlevel.current_statistics().tasks_runnable > 0
+            and trio.current_time() < give_up_at
+        ):
+            await trio.lowlevel.checkpoint()
+        with contextlib.suppress(transports.ChannelClosedError):
+            await self.channel.send_message(framed)
 
     def _remember(self, token: bytes) -> None:
         self._consumed[token] = None
@@ -353,27 +417,44 @@ class _Backend:
             self._consumed.popitem(last=False)
 
     async def _on_broadcast(self, notice: control.BroadcastNotice, done: trio.CancelScope) -> None:
+        """Answer one broadcast (its own task). Release hooks are bounded by the ACK timeout.
+
+        Quiesce: ACK, stop accepting, let live connections finish until shortly
+        before the broker's drain deadline (then cancel them), and end ``done``.
+
+        Cancellation: abandons the command (no ACK).
+        """
         op = notice.operation
         if isinstance(op, ReleaseHandles):
             failure: BroadcastFailure | None = None
             detail = ""
             if self.on_release_handles is not None:
-                try:
-                    await self.on_release_handles(op.path_prefix)
-                except Exception as exc:
-                    failure, detail = BroadcastFailure.BACKEND_ERROR, f"release hook failed: {exc}"
-            await self.channel.send_message(
-                control.broadcast_reply(notice.operation_id, failure, detail)
-            )
+                bound = notice.ack_timeout_ms / 1000 if notice.ack_timeout_ms else HOOK_TIMEOUT_S
+                with trio.move_on_after(bound) as hook_scope:
+                    try:
+                        await self.on_release_handles(op.path_prefix)
+                    except Exception as exc:
+                        failure, detail = (
+                            BroadcastFailure.BACKEND_ERROR,
+                            f"release hook failed: {exc}",
+                        )
+                if hook_scope.cancelled_caught:
+                    failure = BroadcastFailure.BACKEND_ERROR
+                    detail = f"release hook did not finish within {bound:g} s"
+            with contextlib.suppress(transports.ChannelClosedError):
+                await self.channel.send_message(
+                    control.broadcast_reply(notice.operation_id, failure, detail)
+                )
             return
         assert isinstance(op, Quiesce)
-        await self.channel.send_message(control.broadcast_reply(notice.operation_id, None))
+        with contextlib.suppress(transports.ChannelClosedError):
+            await self.channel.send_message(control.broadcast_reply(notice.operation_id, None))
         drain = (
             notice.drain_deadline_ms / 1000 if notice.drain_deadline_ms else self.drain_timeout_s
         )
         self._accept_scope.cancel()
         await self.listener.aclose()
-        with trio.move_on_after(drain):
+        with trio.move_on_after(max(0.0, drain - min(DRAIN_EXIT_MARGIN_S, drain / 5))):
             await self._idle.wait()
         done.cancel()
 

@@ -31,20 +31,15 @@ import trio
 
 import transports
 from rpbroker import admin, control
+from rpbroker._groups import single_exception_as_itself
 from rpbroker._scopes import cancel_when_set
-from rpbroker.backends import BackendHandle, BackendKey, BackendSupervisor
 from rpbroker.config import BrokerConfig
-from rpbroker.events import EventKind, EventLog, LifecycleEvent
-from rpbroker.handoff import HandoffCoordinator, HandoffFellBack
+from rpbroker.events import EventKind, EventLog, EventSubscription, LifecycleEvent
+from rpbroker.handoff import ClientWrites, HandoffCoordinator, HandoffFellBack, HandoffPlan
 from rpbroker.launcher import BackendLauncher
 from rpbroker.metrics import BrokerMetrics
 from rpbroker.policy.broadcast import BroadcastOperation, BroadcastResult
-from rpbroker.policy.fallback import Attempt
-from rpbroker.policy.fd_pressure import (
-    FD_PRESSURE_ACCEPT_BACKOFF_S,
-    AcceptErrorKind,
-    FdPressureGuard,
-)
+from rpbroker.policy.fd_pressure import FdPressureGuard
 from rpbroker.policy.hello import (
     HelloRateLimiter,
     Refusal,
@@ -52,6 +47,7 @@ from rpbroker.policy.hello import (
     check_hello_shape,
     negotiated_keepalive,
 )
+from rpbroker.policy.lifecycle import DEFAULT_TERMINATE_GRACE_S
 from rpbroker.services import (
     InvalidServiceName,
     ServiceCatalog,
@@ -59,6 +55,8 @@ from rpbroker.services import (
     ServiceNotFound,
     ServiceSpec,
 )
+from rpbroker.supervisor import BackendKey, BackendRegistry, Incarnation
+from rpbroker.supervisor.incarnation import REAP_TIMEOUT_S
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
 from rpbroker.wire._pb.broker_v1_pb2 import ErrorCode
 from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
@@ -122,7 +120,7 @@ class Broker:
         self.config = config
         self.events = EventLog(config.event_log_size)
         self.metrics = BrokerMetrics()
-        self.backends = BackendSupervisor(
+        self.backends = BackendRegistry(
             config,
             self.events,
             launcher,
@@ -130,7 +128,7 @@ class Broker:
                 key.service_name, key.service_version, outcome.value
             ),
         )
-        self.handoff = HandoffCoordinator(config, self.events)
+        self.handoff = HandoffCoordinator(config, self.events, self.metrics)
         self.fd_guard = FdPressureGuard()
         self._catalog = ServiceCatalog(config.services_dir)
         self._rate_limiter = HelloRateLimiter(config.hello_rate_limit, config.hello_rate_window_s)
@@ -148,7 +146,8 @@ class Broker:
         self._stopping = trio.Event()
         self._stopped = trio.Event()
         self._drain_timeout_s = config.drain_timeout_s
-        self._nursery: trio.Nursery | None = None
+        # Bounds the graceful stop; ``force_stop`` cancels it.
+        self._stop_scope = trio.CancelScope()
 
     # -- public API ---------------------------------------------------------------
 
@@ -157,18 +156,34 @@ class Broker:
         """True while the broker accepts Hellos (false once shutdown began)."""
         return self._accepting
 
+    @property
+    def stopping(self) -> bool:
+        """True once a shutdown began (graceful or forced)."""
+        return self._stopping.is_set()
+
     def request_shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Start a graceful shutdown and return at once (see ``shutdown``)."""
-        if drain_timeout_s is not None:
+        if drain_timeout_s is not None and not self._stopping.is_set():
             self._drain_timeout_s = drain_timeout_s
+        self._stop_requested.set()
+
+    def force_stop(self) -> None:
+        """Stop now: kill every backend (SIGKILL to its group) and end the drain at once.
+
+        For a second SIGINT/SIGTERM, or an embedder that cannot wait. Returns at
+        once; ``wait_stopped`` tells when the broker is gone.
+        """
+        self.backends.kill_all()
+        self._stop_scope.cancel()
         self._stop_requested.set()
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Shut down gracefully and wait until the broker has stopped.
 
         Stops accepting, refuses unfinished Hellos with SHUTTING_DOWN, quiesces
-        every backend, lets them drain for up to ``drain_timeout_s`` (default from
-        the config) and kills what is left; removes the socket file.
+        every backend (its ACK wait inside the drain), lets them drain for up to
+        ``drain_timeout_s`` (default from the config), then SIGTERM, a short
+        grace and SIGKILL for what is left; removes the socket file.
 
         Cancellation: cancelling the wait does not undo the shutdown.
         """
@@ -178,11 +193,17 @@ class Broker:
     async def broadcast(
         self, operation: BroadcastOperation, *, ack_timeout_s: float | None = None
     ) -> BroadcastResult:
-        """Send a lifecycle operation to every live backend; see ``BackendSupervisor.broadcast``."""
+        """Send a lifecycle operation to every live backend; see ``BackendRegistry.broadcast``.
+
+        Cancellation: abandons the outstanding ACK waits.
+        """
         return await self.backends.broadcast(operation, ack_timeout_s=ack_timeout_s)
 
     async def wait_stopped(self) -> None:
-        """Wait until the broker has stopped (after a shutdown by any means)."""
+        """Wait until the broker has stopped (after a shutdown by any means).
+
+        Cancellation: just stops waiting.
+        """
         await self._stopped.wait()
 
     async def wait_connections_closed(self) -> None:
@@ -197,11 +218,17 @@ class Broker:
         """The admin STATUS document (JSON-ready)."""
         return admin.status_document(self)
 
-    def iter_events(self) -> AsyncIterator[LifecycleEvent]:
-        """Every lifecycle event from now on, as an async iterator."""
+    def iter_events(self) -> EventSubscription:
+        """Every lifecycle event from this call on, as an async iterator.
+
+        The subscription starts now (events emitted before the first
+        ``__anext__`` are kept), ends when the loop is left or the broker stops,
+        and reports lost events (see ``EventSubscription``).
+        """
         return self.events.subscribe()
 
     def recent_events(self) -> list[LifecycleEvent]:
+        """The bounded in-memory event log, oldest first."""
         return self.events.recent()
 
     # -- serving --------------------------------------------------------------------
@@ -211,128 +238,156 @@ class Broker:
     ) -> None:
         """Bind, report ready through ``task_status``, and serve until shut down.
 
-        Cancellation: cancelling the scope that runs ``serve`` performs the same
-        graceful shutdown (shielded, bounded by the drain timeout), then kills any
-        backend still alive; no descriptor, task or child process is left.
+        Cancellation: cancelling the scope that runs ``serve`` (at any point,
+        start-up included) performs the same graceful shutdown, shielded and
+        bounded by the drain timeout plus the terminate grace and the reap bound,
+        then kills any backend still alive; no descriptor, task or child process
+        is left, and the call returns.
         """
-        listener = await transports.open_listener(self.socket_path)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    await nursery.start(self.backends.run)
-                    if self.config.idle_check_enabled:
-                        await nursery.start(self.backends.quiesce_idle)
-                    nursery.start_soon(self._accept_loop, listener)
-                    self._accepting = True
-                    self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
-                    task_status.started(self)
-                    try:
-                        await self._stop_requested.wait()
-                    finally:
-                        with (
-                            trio.CancelScope(shield=True),
-                            trio.move_on_after(self._drain_timeout_s + REPLY_WRITE_TIMEOUT_S),
-                        ):
-                            await self._graceful_stop(listener)
-                finally:
-                    # The supervisor shields its backends until now (see its ``run``).
-                    self.backends.close()
-                    nursery.cancel_scope.cancel()
+            listener = await transports.open_listener(self.socket_path)
+        except BaseException:
+            self._finish_stopped()
+            raise
+        try:
+            with single_exception_as_itself():
+                await self._serve_on(listener, task_status)
         finally:
             with trio.CancelScope(shield=True):
-                self._accepting = False
                 await listener.aclose()
-                self.events.emit(EventKind.BROKER_STOPPED)
-                self.events.close()
-                self._stopped.set()
+            self._finish_stopped()
 
-    async def _graceful_stop(self, listener: transports.Listener) -> None:
+    async def _serve_on(
+        self, listener: transports.Listener, task_status: trio.TaskStatus[Broker]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(self.backends.run)
+                if self.config.idle_check_enabled:
+                    await nursery.start(self.backends.quiesce_idle)
+                nursery.start_soon(self._accept_loop, listener, nursery)
+                self._accepting = True
+                self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
+                task_status.started(self)
+                await self._stop_requested.wait()
+            finally:
+                # Every way out (shutdown, cancellation, a crash in start-up)
+                # drains first, bounded, then releases the backend registry's
+                # shield so its cleanup (kill and reap) can run.
+                with trio.CancelScope(shield=True):
+                    await self._graceful_stop(listener)
+                self.backends.release()
+                nursery.cancel_scope.cancel()
+
+    def _finish_stopped(self) -> None:
         self._accepting = False
         self._stopping.set()
-        self.events.emit(
-            EventKind.BROKER_STOPPING, drain_timeout_ms=int(self._drain_timeout_s * 1000)
-        )
-        await listener.aclose()
-        await self.backends.stop_all(self._drain_timeout_s)
+        if not self._stopped.is_set():
+            self.events.emit(EventKind.BROKER_STOPPED)
+            self.events.close()
+            self._stopped.set()
 
-    async def _accept_loop(self, listener: transports.Listener) -> None:
-        assert self._nursery is not None
+    async def _graceful_stop(self, listener: transports.Listener) -> None:
+        """Stop accepting, quiesce and drain the backends, bounded; never raises Cancelled.
+
+        Bound: the drain timeout, plus the terminate grace and the reap bound for
+        backends that ignore their drain deadline; ``force_stop`` ends it at once.
+        """
+        self._accepting = False
+        self._stopping.set()
+        drain_s = self._drain_timeout_s
+        self.events.emit(EventKind.BROKER_STOPPING, drain_timeout_ms=int(drain_s * 1000))
+        await listener.aclose()
+        drain_deadline = trio.current_time() + drain_s
+        with self._stop_scope:
+            self._stop_scope.deadline = drain_deadline + DEFAULT_TERMINATE_GRACE_S + REAP_TIMEOUT_S
+            await self.backends.stop_all(drain_deadline)
+
+    async def _accept_loop(self, listener: transports.Listener, nursery: trio.Nursery) -> None:
         while True:
             try:
                 stream = await listener.accept()
             except transports.FdExhaustedError:
-                action = self.fd_guard.on_accept_error(AcceptErrorKind.FD_EXHAUSTED)
-                if action.first_demotion:
+                demotion = self.fd_guard.on_fd_exhausted()
+                if demotion.first:
                     self.events.emit(
                         EventKind.FD_PRESSURE, reason="accept failed: out of descriptors"
                     )
-                await trio.sleep(FD_PRESSURE_ACCEPT_BACKOFF_S)
+                await trio.sleep(demotion.backoff_s)
                 continue
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
-            was_demoted = self.fd_guard.demoted
-            self.fd_guard.on_accept_ok()
-            if was_demoted and not self.fd_guard.demoted:
+            if self.fd_guard.on_accept_ok():
                 self.events.emit(EventKind.FD_PRESSURE_CLEARED)
-            self._nursery.start_soon(self._serve_connection, stream, trio.current_time())
+            nursery.start_soon(self._serve_connection, stream, trio.current_time())
 
     # -- one connection ------------------------------------------------------------------
 
     async def _serve_connection(self, stream: trio.abc.Stream, accepted_at: float) -> None:
+        """Serve one connection; whatever it raises affects it alone.
+
+        Cancellation: the connection is closed; nothing else is touched.
+        """
         self.connections_open += 1
         if self._no_connections.is_set():
             self._no_connections = trio.Event()
         try:
-            try:
-                peer = transports.peer_identity(stream)
-            except transports.TransportError as exc:
-                self.events.emit(EventKind.PEER_DROPPED, reason=f"peer identity unavailable: {exc}")
-                return
-            if peer.user != self._user:
-                self.events.emit(
-                    EventKind.PEER_DROPPED,
-                    pid=peer.pid,
-                    reason="credential policy refused a peer of another user",
-                    peer_user=peer.user,
-                )
-                return
-            with trio.CancelScope(deadline=accepted_at + self.config.hello_timeout_s) as scope:
-                first = await self._read_first_frame(stream)
-            if scope.cancelled_caught:
-                self.events.emit(
-                    EventKind.PEER_DROPPED,
-                    pid=peer.pid,
-                    reason="no complete frame before the deadline",
-                )
-                return
-            if first is None:
-                return
-            if isinstance(first, Refusal):
-                await self._send(
-                    stream, response_frame(None, PayloadProtocol.CONTROL, refusal_reply(first))
-                )
-                self._refused(first, peer.pid)
-                return
-            if first.payload_protocol == PayloadProtocol.ADMIN:
-                reply = await admin.handle_admin_frame(self, first)
-                if reply is not None:
-                    await self._send(stream, reply)
-                return
-            if first.payload_protocol == PayloadProtocol.LIFECYCLE:
-                reply = await admin.handle_lifecycle_frame(self, first)
-                if reply is not None:
-                    await self._send(stream, reply)
-                return
-            await self._hello(stream, first, peer)
+            await self._handle_connection(stream, accepted_at)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             logger.debug("connection ended: %s", exc)
+        except Exception as exc:
+            # The per-connection exception boundary: log with the traceback, count,
+            # close this connection only. Every other client is unaffected.
+            self.metrics.connection_error()
+            logger.exception("error serving a connection; closing it alone")
+            self.events.emit(EventKind.CONNECTION_FAILED, reason=f"{type(exc).__name__}: {exc}")
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             self.connections_open -= 1
             if self.connections_open == 0:
                 self._no_connections.set()
+
+    async def _handle_connection(self, stream: trio.abc.Stream, accepted_at: float) -> None:
+        try:
+            peer = transports.peer_identity(stream)
+        except transports.TransportError as exc:
+            self.events.emit(EventKind.PEER_DROPPED, reason=f"peer identity unavailable: {exc}")
+            return
+        if peer.user != self._user:
+            self.events.emit(
+                EventKind.PEER_DROPPED,
+                pid=peer.pid,
+                reason="credential policy refused a peer of another user",
+                peer_user=peer.user,
+            )
+            return
+        with trio.CancelScope(deadline=accepted_at + self.config.hello_timeout_s) as scope:
+            first = await self._read_first_frame(stream)
+        if scope.cancelled_caught:
+            self.events.emit(
+                EventKind.PEER_DROPPED, pid=peer.pid, reason="no complete frame before the deadline"
+            )
+            return
+        if first is None:
+            return
+        if isinstance(first, Refusal):
+            await self._send(
+                stream, response_frame(None, PayloadProtocol.CONTROL, refusal_reply(first))
+            )
+            self._refused(first, peer.pid)
+            return
+        if first.payload_protocol == PayloadProtocol.ADMIN:
+            reply = await admin.handle_admin_frame(self, first)
+            if reply is not None:
+                await self._send(stream, reply)
+            return
+        if first.payload_protocol == PayloadProtocol.LIFECYCLE:
+            reply = await admin.handle_lifecycle_frame(self, first)
+            if reply is not None:
+                await self._send(stream, reply)
+            return
+        await self._hello(stream, first, peer)
 
     async def _read_first_frame(self, stream: trio.abc.Stream) -> Frame | Refusal | None:
         try:
@@ -411,7 +466,7 @@ class Broker:
         if isinstance(acquired, Refusal):
             await self._refuse(stream, frame, acquired, peer.pid, hello)
             return
-        await self._negotiate(stream, frame, hello, acquired, peer, started)
+        await self._negotiate(stream, frame, hello, acquired, started)
 
     def _admit(
         self, frame: Frame, peer: transports.PeerIdentity
@@ -462,20 +517,22 @@ class Broker:
 
     async def _acquire(
         self, key: BackendKey, spec: ServiceSpec, frame: Frame, stream: trio.abc.Stream
-    ) -> BackendHandle | Refusal | None:
+    ) -> Incarnation | Refusal | None:
         """Wait for the backend under the Hello's own deadline, or until shutdown begins.
 
         Returns ``None`` when the client hangs up meanwhile: its wait is cancelled,
-        while the spawn goes on for everyone else (it runs in the supervisor).
+        while the spawn goes on for everyone else (it runs in the registry).
+
+        Cancellation: abandons only this Hello's wait.
         """
-        running = self.backends.running(key)
+        running = self.backends.routable(key)
         if running is not None:
             return running
         if frame.deadline_unix_ms:
             remaining = frame.deadline_unix_ms / 1000 - time.time()
         else:
             remaining = self.config.hello_wait_timeout_s
-        result: BackendHandle | Refusal | None = None
+        result: Incarnation | Refusal | None = None
         client_left = False
 
         async def watch_client(scope: trio.CancelScope) -> None:
@@ -507,47 +564,45 @@ class Broker:
         stream: trio.abc.Stream,
         frame: Frame,
         hello: Hello,
-        backend: BackendHandle,
-        peer: transports.PeerIdentity,
+        backend: Incarnation,
         started: float,
     ) -> None:
+        """Reply ``Negotiated`` and, when the plan says so, hand the connection off.
+
+        Cancellation: a handoff in progress is abandoned (token revoked); the
+        caller closes the connection.
+        """
         now = trio.current_time()
         connection_id = next(self._connection_ids)
-        self.backends.note_routed(backend, now)
-        opted_in = bool(hello.client_capabilities & Capability.HANDLE_PASSING)
-        token = None
-        if opted_in:
-            decision = self.handoff.decide(
-                client_opted_in=True, backend=backend, fd_pressure=self.fd_guard.demoted, now=now
-            )
-            if isinstance(decision, Attempt):
-                token = self.handoff.issue(backend, now)
-        negotiated = Negotiated(
-            negotiated_protocol=PROTOCOL_VERSION,
-            daemon_version=backend.key.service_version,
-            backend_pipe=backend.endpoint,
-            server_capabilities=int(Capability.HANDLE_PASSING) if token is not None else 0,
-            keepalive_interval_secs=negotiated_keepalive(hello.client_keepalive_secs),
-            handle_passed_token=token.raw if token is not None else b"",
+        backend.note_routed()
+        plan = self.handoff.plan(
+            client_opted_in=bool(hello.client_capabilities & Capability.HANDLE_PASSING),
+            backend=backend,
+            fd_pressure=self.fd_guard.demoted,
             connection_id=connection_id,
-        )
-        reply = response_frame(
-            frame, PayloadProtocol.CONTROL, encode(HelloReply(negotiated=negotiated))
+            hello_deadline_unix_ms=frame.deadline_unix_ms,
+            now=now,
         )
         self.metrics.hello(
             hello.service_name, hello.wanted_version, "negotiated", trio.current_time() - started
         )
-        if token is None:
-            await self._send(stream, reply)
+        if not isinstance(plan, HandoffPlan):
+            await self._send(stream, _negotiated_reply(frame, hello, backend, connection_id))
             return
-        outcome = await self.handoff.attempt(stream, backend, token, connection_id, reply)
-        if isinstance(outcome, HandoffFellBack) and not outcome.fd_reached_backend:
-            # The connection never left the broker: tell the client now so it falls
-            # back at once instead of waiting for its handoff-ready timeout.
+        reply = _negotiated_reply(frame, hello, backend, connection_id, plan)
+        outcome = await self.handoff.deliver(plan, stream, backend, reply, self._stopping)
+        if not isinstance(outcome, HandoffFellBack):
+            return
+        if outcome.writes is ClientWrites.NOTHING:
+            # Nothing reached the client: give it the plain reconnect route.
+            await self._send(stream, _negotiated_reply(frame, hello, backend, connection_id))
+        elif outcome.writes is ClientWrites.REPLY:
+            # The reply went out but the connection never left the broker: say so
+            # now, so the client falls back at once instead of at its deadline.
             await self._send(
                 stream,
                 control.handoff_ready_event(
-                    token=token.raw,
+                    token=plan.token.raw,
                     accepted=False,
                     detail=outcome.detail,
                     correlation_id=connection_id,
@@ -555,11 +610,40 @@ class Broker:
             )
 
 
-def response_frame(request: Frame | None, protocol: int, payload: bytes) -> bytes:
+def _negotiated_reply(
+    frame: Frame,
+    hello: Hello,
+    backend: Incarnation,
+    connection_id: int,
+    plan: HandoffPlan | None = None,
+) -> bytes:
+    """The framed ``Negotiated`` reply; with ``plan``, the handoff token and its deadline."""
+    negotiated = Negotiated(
+        negotiated_protocol=PROTOCOL_VERSION,
+        daemon_version=backend.key.service_version,
+        backend_pipe=backend.endpoint,
+        server_capabilities=int(Capability.HANDLE_PASSING) if plan is not None else 0,
+        keepalive_interval_secs=negotiated_keepalive(hello.client_keepalive_secs),
+        handle_passed_token=plan.token.raw if plan is not None else b"",
+        connection_id=connection_id,
+    )
+    return response_frame(
+        frame,
+        PayloadProtocol.CONTROL,
+        encode(HelloReply(negotiated=negotiated)),
+        deadline_unix_ms=plan.adopt_by_unix_ms if plan is not None else 0,
+    )
+
+
+def response_frame(
+    request: Frame | None, protocol: int, payload: bytes, *, deadline_unix_ms: int = 0
+) -> bytes:
     """A framed RESPONSE echoing ``request``'s id and trace context (id 0 when unknown)."""
     if request is None:
         request = Frame(envelope_version=PROTOCOL_VERSION, payload_protocol=protocol)
-    return framed(response_to(request, payload, payload_protocol=protocol))
+    return framed(
+        response_to(request, payload, payload_protocol=protocol, deadline_unix_ms=deadline_unix_ms)
+    )
 
 
 async def serve_broker(
@@ -584,13 +668,17 @@ async def open_broker(
 
     Leaving the block shuts the broker down gracefully; cancelling the
     surrounding scope does the same with trio semantics. Either way no fd, task
-    or child process is left behind.
+    or child process is left behind. A start-up error, or the body's exception
+    when it is the only one, comes out as itself (not in an exception group).
+
+    Cancellation: see ``Broker.serve``; the way out is bounded by the drain.
     """
-    async with trio.open_nursery() as nursery:
-        broker: Broker = await nursery.start(
-            functools.partial(serve_broker, config, launcher=launcher)
-        )
-        try:
-            yield broker
-        finally:
-            broker.request_shutdown()
+    with single_exception_as_itself():
+        async with trio.open_nursery() as nursery:
+            broker: Broker = await nursery.start(
+                functools.partial(serve_broker, config, launcher=launcher)
+            )
+            try:
+                yield broker
+            finally:
+                broker.request_shutdown()

@@ -56,9 +56,15 @@ from rpbroker.wire.framing import (
 )
 from rpbroker.wire.protocols import PayloadProtocol
 
-#: How long the client waits for the handoff-ready EVENT before reconnecting, s
+#: How long the client waits for the handoff-ready EVENT before reconnecting when
+#: the broker's reply states no adoption deadline (the reference broker), s
 #: (facts §3.5: 2 s).
 DEFAULT_HANDOFF_READY_TIMEOUT_S = 2.0
+#: How long past the broker's adoption deadline the client still waits for the
+#: handoff-ready EVENT, s: a backend adopts only before the deadline and writes the
+#: EVENT immediately, so this covers an EVENT written just before the deadline
+#: that is still in flight. Only after it is ``initial_data`` re-sent.
+HANDOFF_EVENT_GRACE_S = 0.5
 #: Overall bound on ``connect``, s (facts §4: 30 s).
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 #: Hellos sent before giving up when each negotiated backend turns out unreachable:
@@ -192,7 +198,8 @@ class _FrameReader:
         return bytes(self._buffer)
 
 
-async def _read_reply(reader: _FrameReader) -> Negotiated:
+async def _read_reply(reader: _FrameReader) -> tuple[Negotiated, int]:
+    """The broker's ``Negotiated`` and its frame's ``deadline_unix_ms`` (0: none)."""
     try:
         body = await reader.read_body()
     except FramingError as exc:
@@ -211,7 +218,7 @@ async def _read_reply(reader: _FrameReader) -> Negotiated:
         reply = decode(HelloReply, frame.payload)
     except MalformedMessage as exc:
         raise BrokerProtocolError(f"undecodable Hello response: {exc}") from exc
-    return negotiated_or_raise(reply)
+    return negotiated_or_raise(reply), frame.deadline_unix_ms
 
 
 def negotiated_or_raise(reply: HelloReply) -> Negotiated:
@@ -248,6 +255,18 @@ async def _await_handoff_ready(reader: _FrameReader, token: bytes, timeout_s: fl
             return False
         return bytes(ack.token) == token and ack.accepted
     return False
+
+
+def _handoff_wait_s(adopt_by_unix_ms: int, default_s: float) -> float:
+    """How long to wait for the handoff-ready EVENT.
+
+    With an adoption deadline from the broker: until that deadline plus the
+    grace (the backend never adopts after it, so ``initial_data`` re-sent after
+    this wait is never delivered twice). Without one: ``default_s``.
+    """
+    if not adopt_by_unix_ms:
+        return default_s
+    return max(0.0, adopt_by_unix_ms / 1000 - time.time()) + HANDOFF_EVENT_GRACE_S
 
 
 async def _connect_backend(endpoint: str, initial_data: bytes) -> trio.abc.Stream:
@@ -353,13 +372,15 @@ async def _negotiate(
         # handed off; the broker reads exactly one frame and leaves it in place.
         await stream.send_all(hello + initial_data if handoff else hello)
         reader = _FrameReader(stream)
-        negotiated = await _read_reply(reader)
+        negotiated, adopt_by_ms = await _read_reply(reader)
         token = bytes(negotiated.handle_passed_token)
         if (
             handoff
             and negotiated.server_capabilities & Capability.HANDLE_PASSING
             and token
-            and await _await_handoff_ready(reader, token, handoff_ready_timeout_s)
+            and await _await_handoff_ready(
+                reader, token, _handoff_wait_s(adopt_by_ms, handoff_ready_timeout_s)
+            )
         ):
             keep = True
             _endpoint_cache[cache_key] = negotiated.backend_pipe

@@ -27,9 +27,10 @@ DEFAULT_HELLO_WAIT_TIMEOUT_S = 30.0
 DEFAULT_SPAWN_READY_TIMEOUT_S = 60.0
 #: How long graceful shutdown lets backends drain before killing them, seconds (SPEC §7).
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
-#: The absolute adoption deadline written into each HandoffOffer, seconds after the
-#: offer. Kept below the client's default 2 s handoff-ready wait so a backend can never
-#: adopt a connection whose client has already given up on the handoff route.
+#: The adoption deadline of a handoff, seconds after the broker's reply: written into
+#: the offer (the backend never adopts after it) and into the reply frame (the client
+#: waits for the handoff-ready EVENT until it, plus a small grace). 1.5 s keeps it
+#: below the reference client's fixed 2 s wait, so reference clients are safe too.
 DEFAULT_HANDOFF_ADOPT_WINDOW_S = 1.5
 #: Lifecycle events kept in memory for admin DUMP.
 DEFAULT_EVENT_LOG_SIZE = 512
@@ -85,6 +86,8 @@ class BrokerConfig:
     hello_rate_window_s: float = attrs.field(default=1.0, validator=_positive)
     spawn_attempts_per_window: int = attrs.field(default=3, validator=_positive_int)
     spawn_window_s: float = attrs.field(default=30.0, validator=_positive)
+    #: Spawn attempts per service across all its versions per ``spawn_window_s``.
+    spawn_attempts_per_service_window: int = attrs.field(default=6, validator=_positive_int)
     recovery_backoff_s: float = attrs.field(default=0.25, validator=_positive)
     recovery_window_s: float = attrs.field(default=30.0, validator=_positive)
     broadcast_ack_timeout_s: float = attrs.field(default=5.0, validator=_positive)

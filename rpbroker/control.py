@@ -128,6 +128,7 @@ class BroadcastNotice:
     operation_id: int
     operation: BroadcastOperation
     drain_deadline_ms: int
+    ack_timeout_ms: int
 
 
 Inbound = (
@@ -194,9 +195,17 @@ def get_operation(source: BroadcastCommand | BroadcastRequest) -> BroadcastOpera
 
 
 def broadcast_command(
-    operation_id: int, operation: BroadcastOperation, drain_deadline_ms: int = 0
+    operation_id: int,
+    operation: BroadcastOperation,
+    drain_deadline_ms: int = 0,
+    ack_timeout_ms: int = 0,
 ) -> bytes:
-    command = BroadcastCommand(operation_id=operation_id, drain_deadline_ms=drain_deadline_ms)
+    """The framed command for one broadcast (``drain_deadline_ms``: relative, 0 unset)."""
+    command = BroadcastCommand(
+        operation_id=operation_id,
+        drain_deadline_ms=drain_deadline_ms,
+        ack_timeout_ms=ack_timeout_ms,
+    )
     put_operation(command, operation)
     return _lifecycle(FrameKind.REQUEST, LifecycleMessage(broadcast=command), operation_id)
 
@@ -318,6 +327,7 @@ def _parse_lifecycle(frame: Frame) -> Inbound:
             operation_id=cmd.operation_id,
             operation=operation,
             drain_deadline_ms=cmd.drain_deadline_ms,
+            ack_timeout_ms=cmd.ack_timeout_ms,
         )
     raise ControlMessageError(f"unexpected lifecycle message {which!r} on control channel")
 

@@ -16,7 +16,8 @@ import collections
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -42,15 +43,21 @@ class EventKind(enum.Enum):
     UNAVAILABLE = "unavailable"
     RECOVERED = "recovered"
     DRAINING = "draining"
+    STOPPING = "stopping"
     STOPPED = "stopped"
     IDLE_QUIESCE = "idle-quiesce"
     HANDOFF_COMPLETED = "handoff-completed"
     HANDOFF_FALLBACK = "handoff-fallback"
+    HANDOFF_SKIPPED = "handoff-skipped"
     BROADCAST_RESULT = "broadcast-result"
     HELLO_REFUSED = "hello-refused"
     PEER_DROPPED = "peer-dropped"
     FD_PRESSURE = "fd-pressure"
     FD_PRESSURE_CLEARED = "fd-pressure-cleared"
+    #: One connection's handler raised; only that connection was closed.
+    CONNECTION_FAILED = "connection-failed"
+    #: Not a broker transition: a subscriber fell behind and lost ``dropped`` events.
+    EVENTS_DROPPED = "events-dropped"
 
 
 _LEVELS: Mapping[EventKind, int] = {
@@ -62,6 +69,8 @@ _LEVELS: Mapping[EventKind, int] = {
     EventKind.HELLO_REFUSED: logging.DEBUG,
     EventKind.HANDOFF_COMPLETED: logging.DEBUG,
     EventKind.HANDOFF_FALLBACK: logging.INFO,
+    EventKind.HANDOFF_SKIPPED: logging.DEBUG,
+    EventKind.CONNECTION_FAILED: logging.ERROR,
 }
 
 
@@ -89,22 +98,96 @@ class LifecycleEvent:
         }
 
 
-@attrs.define
-class _Subscriber:
-    send: trio.MemorySendChannel[LifecycleEvent]
-    dropped: int = 0
+class EventSubscription:
+    """Lifecycle events from the moment of subscribing, as an async iterator.
+
+    Made by ``EventLog.subscribe`` (``Broker.iter_events``): events emitted after
+    that call are buffered (up to ``SUBSCRIBER_BUFFER``) even before the first
+    ``__anext__``. A subscriber that falls behind loses the oldest events it has
+    not read; the next event it reads is then an ``EVENTS_DROPPED`` event whose
+    ``details["dropped"]`` says how many were lost, and ``dropped`` counts them
+    all. The subscription ends when ``close``/``aclose`` is called, when the
+    ``async with`` block or the ``async for`` loop that uses it is left (a loop
+    left by ``break`` releases the last reference, which closes it), or when the
+    broker stops (iteration then finishes).
+    """
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._queue: collections.deque[LifecycleEvent] = collections.deque()
+        self._unreported = 0
+        self._wakeup = trio.Event()
+        self._closed = False
+        #: Events this subscriber lost by falling behind, in all.
+        self.dropped = 0
+
+    def _push(self, event: LifecycleEvent) -> None:
+        if len(self._queue) >= SUBSCRIBER_BUFFER:
+            self._queue.popleft()
+            self.dropped += 1
+            self._unreported += 1
+        self._queue.append(event)
+        self._wakeup.set()
+
+    def _end(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def __anext__(self) -> LifecycleEvent:
+        """The next event; ``StopAsyncIteration`` once closed and drained.
+
+        Cancellation: just stops waiting; no event is lost.
+        """
+        if self._queue:
+            await trio.lowlevel.checkpoint()
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._wakeup = trio.Event()
+            # Woken with an event queued, it is returned without another
+            # checkpoint: an event that woke the reader is never lost to a cancel.
+            await self._wakeup.wait()
+        if self._unreported:
+            lost, self._unreported = self._unreported, 0
+            return LifecycleEvent(
+                kind=EventKind.EVENTS_DROPPED,
+                at_unix_ms=int(time.time() * 1000),
+                reason=f"this subscriber fell behind and lost {lost} events",
+                details={"dropped": lost},
+            )
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        """Unsubscribe now (idempotent); buffered events can still be read."""
+        self._log._unsubscribe(self)
+        self._end()
+
+    async def aclose(self) -> None:
+        """``close`` as an awaitable (for ``contextlib.aclosing``). Cancellation: none."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> EventSubscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class EventLog:
     """Bounded event history plus live fan-out.
 
-    ``emit`` is synchronous and never blocks. ``subscribe`` yields events emitted
-    after the call; cancelling the iteration unsubscribes.
+    ``emit`` is synchronous and never blocks. ``subscribe`` returns an
+    ``EventSubscription`` of the events emitted after the call.
     """
 
     def __init__(self, capacity: int) -> None:
         self._recent: collections.deque[LifecycleEvent] = collections.deque(maxlen=capacity)
-        self._subscribers: list[_Subscriber] = []
+        self._subscribers: weakref.WeakSet[EventSubscription] = weakref.WeakSet()
+        self._closed = False
 
     def emit(
         self,
@@ -136,36 +219,32 @@ class EventLog:
             reason,
             f" {details}" if details else "",
         )
-        for sub in self._subscribers:
-            try:
-                sub.send.send_nowait(event)
-            except trio.WouldBlock:
-                sub.dropped += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        for sub in list(self._subscribers):
+            sub._push(event)
         return event
 
     def recent(self) -> list[LifecycleEvent]:
         return list(self._recent)
 
-    async def subscribe(self) -> AsyncIterator[LifecycleEvent]:
-        """Yield every event emitted from now on.
+    def subscribe(self) -> EventSubscription:
+        """Every event emitted from now on (see ``EventSubscription``).
 
-        Cancellation: cancelling the consumer (or closing the generator) removes
-        the subscription; nothing is left registered.
+        Subscribers are held weakly: one whose last reference goes (a loop left
+        by ``break``) is unsubscribed by that alone.
         """
-        send, receive = trio.open_memory_channel[LifecycleEvent](SUBSCRIBER_BUFFER)
-        sub = _Subscriber(send)
-        self._subscribers.append(sub)
-        try:
-            async with receive:
-                async for event in receive:
-                    yield event
-        finally:
-            self._subscribers.remove(sub)
-            send.close()
+        sub = EventSubscription(self)
+        if self._closed:
+            sub._end()
+        else:
+            self._subscribers.add(sub)
+        return sub
+
+    def _unsubscribe(self, sub: EventSubscription) -> None:
+        self._subscribers.discard(sub)
 
     def close(self) -> None:
-        """End every subscription (their iterators finish)."""
-        for sub in self._subscribers:
-            sub.send.close()
+        """End every subscription (their iterators finish once drained)."""
+        self._closed = True
+        for sub in list(self._subscribers):
+            sub._end()
+        self._subscribers.clear()

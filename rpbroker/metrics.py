@@ -48,6 +48,10 @@ class BrokerMetrics:
         self._duration_sum: dict[str, float] = collections.defaultdict(float)
         self._duration_count: collections.Counter[str] = collections.Counter()
         self.spawn_attempts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        #: rpbroker's own counters (not frozen v1 names).
+        self.handoff_plans: collections.Counter[str] = collections.Counter()
+        self.handoff_results: collections.Counter[str] = collections.Counter()
+        self.connection_errors = 0
 
     def hello(
         self, service: str, version: str, outcome: str, duration_s: float | None = None
@@ -63,6 +67,18 @@ class BrokerMetrics:
 
     def spawn(self, service: str, version: str, outcome: str) -> None:
         self.spawn_attempts[(service, version, outcome)] += 1
+
+    def handoff_plan(self, plan: str) -> None:
+        """One handoff plan: ``attempt`` or the fallback reason."""
+        self.handoff_plans[plan] += 1
+
+    def handoff_result(self, result: str) -> None:
+        """One attempt's end: ``completed`` or the failure."""
+        self.handoff_results[result] += 1
+
+    def connection_error(self) -> None:
+        """A connection's handler raised (it alone was closed)."""
+        self.connection_errors += 1
 
     def render(
         self,
@@ -103,5 +119,14 @@ class BrokerMetrics:
                 lines.append(f"{name} {fd_usage_ratio:.6f}")
             else:
                 lines.append(f"{name} {int(uptime_seconds)}")
+        for name, counter, label in (
+            ("rpbroker_handoff_plans_total", self.handoff_plans, "plan"),
+            ("rpbroker_handoff_results_total", self.handoff_results, "result"),
+        ):
+            lines.append(f"# TYPE {name} counter")
+            for value, n in sorted(counter.items()):
+                lines.append(f"{name}{_labels(**{label: value})} {n}")
+        lines.append("# TYPE rpbroker_connection_errors_total counter")
+        lines.append(f"rpbroker_connection_errors_total {self.connection_errors}")
         lines.append("# EOF")
         return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ from transports._unix_control import (
     open_control_pair,
     open_inherited_control_channel,
 )
-from transports._unix_fds import open_fd_count, wait_peer_closed
+from transports._unix_fds import fd_usage_ratio, open_fd_count, wait_peer_closed
 from transports._unix_listen import UnixListener, open_listener
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
@@ -65,6 +65,7 @@ __all__ = [
     "current_user",
     "new_backend_endpoint",
     "open_control_pair",
+    "fd_usage_ratio",
     "open_fd_count",
     "open_inherited_control_channel",
     "open_listener",

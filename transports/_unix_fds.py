@@ -20,6 +20,7 @@ assert sys.platform != "win32", "transports._unix_fds is part of the Unix transp
 
 import contextlib
 import os
+import resource
 import socket
 
 import trio
@@ -42,6 +43,15 @@ def open_fd_count() -> int | None:
         # listdir holds one descriptor open on the directory while it reads it.
         return max(len(entries) - 1, 0)
     return None
+
+
+def fd_usage_ratio() -> float | None:
+    """Open descriptors over the soft ``RLIMIT_NOFILE``, or ``None`` when unknown."""
+    count = open_fd_count()
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if count is None or soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    return count / soft
 
 
 def _notify_closing(target: int | socket.socket) -> None:
@@ -94,12 +104,20 @@ async def wait_peer_closed(stream: trio.abc.Stream) -> bool:
     reads the stream next, so a hang-up behind them cannot be observed without
     taking them. A stream that is not a socket is never reported closed.
 
+    Raises ``trio.ClosedResourceError`` if another task closes the stream meanwhile.
+
     Cancellation: safe at any point; nothing is read.
     """
     if not isinstance(stream, trio.SocketStream):
         await trio.sleep_forever()
     fd = stream.socket.fileno()
+    if fd < 0:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("the stream is closed")
     await trio.lowlevel.wait_readable(fd)
+    if stream.socket.fileno() != fd:
+        # Closed by another task between the wake-up and now.
+        raise trio.ClosedResourceError("the stream was closed while waiting")
     sock = socket.socket(fileno=fd)
     try:
         peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)

@@ -272,6 +272,11 @@ def open_fd_count() -> int | None:
     return None
 
 
+def fd_usage_ratio() -> float | None:
+    """Always ``None`` on Windows (see ``open_fd_count``)."""
+    return None
+
+
 __all__ = [
     "PLATFORM_NAME",
     "JobChildProcess",
@@ -286,6 +291,7 @@ __all__ = [
     "default_transport",
     "new_backend_endpoint",
     "open_control_pair",
+    "fd_usage_ratio",
     "open_fd_count",
     "open_inherited_control_channel",
     "open_listener",

@@ -5,13 +5,12 @@ to its backends (release handles under a path prefix; quiesce, with a reason),
 the four things that can happen to each backend (acknowledged, timed out,
 failed, skipped because it was dead), and the result of one broadcast with
 JSON-ready output. :class:`BroadcastCollector` is what the live fan-out feeds as
-answers arrive; :class:`InMemoryBroadcastModel` is a pure, scripted model of
-the whole fan-out for unit tests and the testing kit.
+answers arrive.
 
 What it leaves to its caller: sending the operation to each live backend
-concurrently, bounding each wait by :attr:`BroadcastPolicy.ack_timeout_s` (for
-example ``trio.move_on_after``), deciding which backends are alive, and
-recording each answer in the collector.
+concurrently, bounding each wait by the ACK timeout (for example
+``trio.move_on_at``), deciding which backends are alive, and recording each
+answer in the collector.
 
 Backend identities are any hashable value. In JSON output a backend is shown
 through its own ``to_json()`` method when it has one, as itself when it is a
@@ -87,15 +86,6 @@ _FAILURE_DETAILS: Final[dict[BroadcastFailure, str]] = {
 
 
 @attrs.frozen
-class BroadcastPolicy:
-    """Per-backend acknowledgement timeout (seconds); non-positive becomes 1 ms."""
-
-    ack_timeout_s: float = attrs.field(
-        default=DEFAULT_BROADCAST_ACK_TIMEOUT_S, converter=clamp_duration_s
-    )
-
-
-@attrs.frozen
 class BackendAcked:
     """The backend acknowledged the operation."""
 
@@ -129,7 +119,7 @@ class BackendSkippedDead:
 BroadcastOutcome = BackendAcked | BackendTimedOut | BackendFailed | BackendSkippedDead
 
 
-def backend_json(backend: Hashable) -> Any:
+def _backend_json(backend: Hashable) -> Any:
     """JSON-ready form of a backend identity (see the module docstring)."""
     to_json = getattr(backend, "to_json", None)
     if callable(to_json):
@@ -165,20 +155,20 @@ class BroadcastResult:
             "operation": self.operation.to_json(),
             "sent_count": self.sent_count,
             "all_live_backends_acked": self.all_live_backends_acked,
-            "acks": [backend_json(o.backend) for o in self.acks],
+            "acks": [_backend_json(o.backend) for o in self.acks],
             "timeouts": [
-                {"backend": backend_json(o.backend), "timeout_ms": round(o.timeout_s * 1000)}
+                {"backend": _backend_json(o.backend), "timeout_ms": round(o.timeout_s * 1000)}
                 for o in self.timeouts
             ],
             "failures": [
                 {
-                    "backend": backend_json(o.backend),
+                    "backend": _backend_json(o.backend),
                     "failure": o.failure.value,
                     "detail": o.detail,
                 }
                 for o in self.failures
             ],
-            "skipped_dead": [backend_json(o.backend) for o in self.skipped_dead],
+            "skipped_dead": [_backend_json(o.backend) for o in self.skipped_dead],
         }
 
 
@@ -188,19 +178,19 @@ class BroadcastCollector:
     ``backends`` are the targets in registration order (duplicates are ignored).
     The first outcome recorded for a backend wins; later ones (a late ACK after
     the shell already recorded a timeout, say) are ignored. When the result is
-    taken, a target with no outcome counts as timed out after the policy timeout.
+    taken, a target with no outcome counts as timed out after ``ack_timeout_s``.
     """
 
-    __slots__ = ("_operation", "_order", "_outcomes", "_policy")
+    __slots__ = ("_operation", "_order", "_outcomes", "_timeout_s")
 
     def __init__(
         self,
         operation: BroadcastOperation,
         backends: Iterable[Hashable],
-        policy: BroadcastPolicy | None = None,
+        ack_timeout_s: float = DEFAULT_BROADCAST_ACK_TIMEOUT_S,
     ) -> None:
         self._operation = operation
-        self._policy = policy if policy is not None else BroadcastPolicy()
+        self._timeout_s = clamp_duration_s(ack_timeout_s)
         self._order: dict[Hashable, None] = dict.fromkeys(backends)
         self._outcomes: dict[Hashable, BroadcastOutcome] = {}
 
@@ -208,11 +198,6 @@ class BroadcastCollector:
     def operation(self) -> BroadcastOperation:
         """The operation being broadcast."""
         return self._operation
-
-    @property
-    def policy(self) -> BroadcastPolicy:
-        """The timeout policy."""
-        return self._policy
 
     def record(self, outcome: BroadcastOutcome) -> bool:
         """Record one backend's outcome; True if it was the first for that backend.
@@ -227,15 +212,6 @@ class BroadcastCollector:
         self._outcomes[backend] = outcome
         return True
 
-    def pending(self) -> list[Hashable]:
-        """Targets with no outcome yet, in registration order."""
-        return [b for b in self._order if b not in self._outcomes]
-
-    @property
-    def is_complete(self) -> bool:
-        """True when every target has an outcome."""
-        return len(self._outcomes) == len(self._order)
-
     def result(self) -> BroadcastResult:
         """The result so far; targets without an outcome count as timed out."""
         acks: list[BackendAcked] = []
@@ -245,7 +221,7 @@ class BroadcastCollector:
         for backend in self._order:
             outcome = self._outcomes.get(backend)
             if outcome is None:
-                timeouts.append(BackendTimedOut(backend, self._policy.ack_timeout_s))
+                timeouts.append(BackendTimedOut(backend, self._timeout_s))
             elif isinstance(outcome, BackendAcked):
                 acks.append(outcome)
             elif isinstance(outcome, BackendTimedOut):
@@ -257,104 +233,3 @@ class BroadcastCollector:
         return BroadcastResult(
             self._operation, tuple(acks), tuple(timeouts), tuple(failures), tuple(dead)
         )
-
-
-class ScriptedResponse(enum.Enum):
-    """How a modelled backend answers (a :class:`BroadcastFailure` scripts a failure)."""
-
-    ACK = "ack"
-    TIMEOUT = "timeout"
-
-
-ModelResponse = ScriptedResponse | BroadcastFailure
-
-
-@attrs.define
-class _ModelBackend:
-    response: ModelResponse
-    alive: bool
-    received: list[BroadcastOperation] = attrs.field(factory=list)
-
-
-class InMemoryBroadcastModel:
-    """A pure model of the fan-out: scripted backends, no I/O, no clock.
-
-    Backends are visited in registration order; registering a known backend
-    again replaces its script and liveness in place (keeping its position and
-    clearing what it received).
-    """
-
-    __slots__ = ("_backends", "_policy")
-
-    def __init__(self, policy: BroadcastPolicy | None = None) -> None:
-        self._policy = policy if policy is not None else BroadcastPolicy()
-        self._backends: dict[Hashable, _ModelBackend] = {}
-
-    @property
-    def policy(self) -> BroadcastPolicy:
-        """The timeout policy reported for scripted timeouts."""
-        return self._policy
-
-    def register(
-        self,
-        backend: Hashable,
-        response: ModelResponse = ScriptedResponse.ACK,
-        alive: bool = True,
-    ) -> bool:
-        """Add or replace a backend; True when it replaced an existing one."""
-        replaced = backend in self._backends
-        self._backends[backend] = _ModelBackend(response, alive)
-        return replaced
-
-    def remove(self, backend: Hashable) -> bool:
-        """Forget a backend; True when it was registered."""
-        return self._backends.pop(backend, None) is not None
-
-    def set_alive(self, backend: Hashable, alive: bool) -> None:
-        """Mark a registered backend alive or dead (KeyError if unknown)."""
-        self._backends[backend].alive = alive
-
-    def set_response(self, backend: Hashable, response: ModelResponse) -> None:
-        """Change a registered backend's script (KeyError if unknown)."""
-        self._backends[backend].response = response
-
-    def is_alive(self, backend: Hashable) -> bool:
-        """Whether a registered backend is alive (KeyError if unknown)."""
-        return self._backends[backend].alive
-
-    def backends(self) -> list[Hashable]:
-        """Registered backends in registration order."""
-        return list(self._backends)
-
-    def received(self, backend: Hashable) -> tuple[BroadcastOperation, ...]:
-        """Operations that reached ``backend`` (KeyError if unknown)."""
-        return tuple(self._backends[backend].received)
-
-    def broadcast(self, operation: BroadcastOperation) -> BroadcastResult:
-        """Fan ``operation`` out to every registered backend per its script."""
-        collector = BroadcastCollector(operation, self._backends, self._policy)
-        for key, backend in self._backends.items():
-            collector.record(self._answer(key, backend, operation))
-        return collector.result()
-
-    def release_handles(self, path_prefix: str) -> BroadcastResult:
-        """Broadcast :class:`ReleaseHandles`."""
-        return self.broadcast(ReleaseHandles(path_prefix))
-
-    def quiesce(self, reason: QuiesceReason) -> BroadcastResult:
-        """Broadcast :class:`Quiesce`."""
-        return self.broadcast(Quiesce(reason))
-
-    def _answer(
-        self, key: Hashable, backend: _ModelBackend, operation: BroadcastOperation
-    ) -> BroadcastOutcome:
-        if not backend.alive:
-            return BackendSkippedDead(key)
-        backend.received.append(operation)
-        response = backend.response
-        if response is ScriptedResponse.ACK:
-            return BackendAcked(key)
-        if response is ScriptedResponse.TIMEOUT:
-            return BackendTimedOut(key, self._policy.ack_timeout_s)
-        assert isinstance(response, BroadcastFailure)
-        return BackendFailed(key, response, response.default_detail)

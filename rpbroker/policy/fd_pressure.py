@@ -4,21 +4,18 @@ What this module does: a small state machine fed by the accept loop. Running
 out of descriptors (EMFILE/ENFILE from ``accept``) demotes the broker: the loop
 backs off briefly and keeps going, new Hellos are refused with FD_PRESSURE and a
 retry-after hint, and handoffs are switched off. Three consecutive successful
-accepts while demoted restore normal service. Any other accept error tells the
-loop to stop. It counts demotion episodes and fd-pressure refusals for status
-and metrics.
+accepts while demoted restore normal service. It counts demotion episodes and
+fd-pressure refusals for status and metrics.
 
-What it leaves to its caller: calling ``accept``, classifying its errors (see
-:func:`classify_accept_error`), sleeping the back-off, logging the first
-demotion of each episode, serving admin frames while demoted, and writing the
-refusal on the wire.
+What it leaves to its caller: calling ``accept`` and recognising descriptor
+exhaustion (``transports.FdExhaustedError``), sleeping the back-off, logging the
+first demotion of each episode, serving admin frames while demoted, and writing
+the refusal on the wire.
 """
 
 from __future__ import annotations
 
-import enum
-import errno
-from typing import Any, Final
+from typing import Final
 
 import attrs
 
@@ -37,41 +34,15 @@ FD_PRESSURE_ACCEPT_BACKOFF_S: Final[float] = 0.05
 #: Reason text of the FD_PRESSURE refusal.
 FD_PRESSURE_REASON: Final[str] = "broker is low on file descriptors; retry shortly"
 
-_FD_EXHAUSTION_ERRNOS: Final[frozenset[int]] = frozenset({errno.EMFILE, errno.ENFILE})
-
-
-class AcceptErrorKind(enum.Enum):
-    """Classification of an ``accept`` failure."""
-
-    #: The process or system descriptor table is full (EMFILE / ENFILE).
-    FD_EXHAUSTED = "fd_exhausted"
-    #: Anything else.
-    OTHER = "other"
-
-
-def classify_accept_error(error: BaseException) -> AcceptErrorKind:
-    """FD_EXHAUSTED for an :class:`OSError` with EMFILE or ENFILE, else OTHER."""
-    if isinstance(error, OSError) and error.errno in _FD_EXHAUSTION_ERRNOS:
-        return AcceptErrorKind.FD_EXHAUSTED
-    return AcceptErrorKind.OTHER
-
-
-class AcceptErrorAction(enum.Enum):
-    """What the accept loop does after an error."""
-
-    BACK_OFF_AND_CONTINUE = "back_off_and_continue"
-    STOP = "stop"
-
 
 @attrs.frozen
-class AcceptErrorDecision:
-    """The guard's answer to one accept error."""
+class Demotion:
+    """The guard's answer to one descriptor-exhaustion accept error."""
 
-    action: AcceptErrorAction
-    #: Seconds to pause before accepting again (BACK_OFF_AND_CONTINUE only).
-    backoff_s: float | None = None
+    #: Seconds to pause before accepting again.
+    backoff_s: float
     #: True when this error started a demotion episode (log it once).
-    first_demotion: bool = False
+    first: bool
 
 
 class FdPressureGuard:
@@ -122,38 +93,18 @@ class FdPressureGuard:
         """FD_PRESSURE refusals handed out so far."""
         return self._refusals
 
-    @property
-    def exhaustion_errors(self) -> int:
-        """Descriptor-exhaustion accept errors seen so far."""
-        return self._exhaustion_errors
+    def on_fd_exhausted(self) -> Demotion:
+        """React to one EMFILE/ENFILE from ``accept``: demote (or stay demoted), back off.
 
-    @property
-    def streak(self) -> int:
-        """Consecutive successful accepts since the last exhaustion error while demoted."""
-        return self._streak
-
-    @property
-    def recovery_accepts(self) -> int:
-        """Successful accepts in a row needed to clear a demotion."""
-        return self._recovery_accepts
-
-    def on_accept_error(self, kind: AcceptErrorKind) -> AcceptErrorDecision:
-        """React to one accept error.
-
-        FD_EXHAUSTED demotes (or keeps demoted), resets the success streak and
-        says back off and continue; OTHER says stop and changes nothing.
+        Resets the success streak.
         """
-        if kind is not AcceptErrorKind.FD_EXHAUSTED:
-            return AcceptErrorDecision(AcceptErrorAction.STOP)
         self._exhaustion_errors += 1
         self._streak = 0
         first = not self._demoted
         if first:
             self._demoted = True
             self._episodes += 1
-        return AcceptErrorDecision(
-            AcceptErrorAction.BACK_OFF_AND_CONTINUE, self._backoff_s, first_demotion=first
-        )
+        return Demotion(self._backoff_s, first)
 
     def on_accept_ok(self) -> bool:
         """Count one successful accept; True when it cleared the demotion.
@@ -174,12 +125,3 @@ class FdPressureGuard:
         """The FD_PRESSURE refusal for one Hello (counted)."""
         self._refusals += 1
         return Refusal(RefusalCode.FD_PRESSURE, FD_PRESSURE_REASON, ms_ceil(self._retry_after_s))
-
-    def status(self) -> dict[str, Any]:
-        """JSON-ready summary for admin status."""
-        return {
-            "demoted": self._demoted,
-            "episodes": self._episodes,
-            "refusals": self._refusals,
-            "exhaustion_errors": self._exhaustion_errors,
-        }

@@ -225,16 +225,6 @@ class HelloRateLimiter:
         self._window_s = clamp_duration_s(window_s)
         self._windows: OrderedDict[int, _RateWindow] = OrderedDict()
 
-    @property
-    def max_per_window(self) -> int:
-        """Hellos allowed per pid per window."""
-        return self._max_per_window
-
-    @property
-    def window_s(self) -> float:
-        """Window length (seconds)."""
-        return self._window_s
-
     def __len__(self) -> int:
         """Pids currently tracked."""
         return len(self._windows)

@@ -1,14 +1,16 @@
-"""Idle tracking: which backends have been quiet long enough to quiesce.
+"""Idle tracking: which routable backends have been quiet long enough to quiesce.
 
-What this module does: records the last activity of each backend and its idle
-timeout (30 s by default), reports each running backend once when it has been
-idle for at least its timeout (moving it to DRAINING so it is never reported
-again until new activity revives it), and says when the next backend falls due
-so the caller can sleep exactly until then.
+What this module does: records the last activity of each tracked backend and
+its idle timeout (30 s by default), hands out each backend once when it has been
+idle for at least its timeout (it stops being tracked then: its quiesce makes it
+unroutable, see ``rpbroker.policy.lifecycle``), and says when the next backend
+falls due so the caller can sleep exactly until then.
 
-What it leaves to its caller: reporting activity, sleeping until
-:meth:`IdleTracker.next_due_at`, quiescing due backends through the broadcast
-path, and marking them quiesced or removing them.
+What it leaves to its caller: tracking only routable backends (start at
+readiness, remove when they leave RUNNING), reporting activity, sleeping until
+:meth:`IdleTracker.next_due_at`, and quiescing what :meth:`IdleTracker.collect_due`
+returns (or tracking it again with :meth:`IdleTracker.mark_activity` if it turns
+out to be busy).
 
 Cost: activity is O(1) when the backend is already scheduled (the common
 case), otherwise O(log n); due times live in a min-heap whose stale entries are
@@ -18,16 +20,16 @@ touches, whatever the number of backends.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 from collections.abc import Hashable
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 import attrs
 
 from rpbroker.policy._units import clamp_duration_s
-from rpbroker.policy.broadcast import QuiesceReason
+
+K = TypeVar("K", bound=Hashable)
 
 #: Seconds without activity after which a backend is quiesced: long enough to keep
 #: a warm backend through short pauses, short enough to free idle processes.
@@ -37,31 +39,21 @@ DEFAULT_IDLE_TIMEOUT_S: Final[float] = 30.0
 _HEAP_SLACK: Final[int] = 64
 
 
-class BackendLifecycle(enum.Enum):
-    """Idle-tracking state of one backend."""
-
-    RUNNING = "running"
-    DRAINING = "draining"
-    QUIESCED = "quiesced"
-
-
 @attrs.frozen
-class IdleDue:
-    """A running backend that has been idle for at least its timeout."""
+class IdleDue(Generic[K]):
+    """A backend that has been idle for at least its timeout."""
 
-    key: Hashable
+    key: K
     #: Seconds since its last activity.
     idle_for_s: float
     #: Its configured idle timeout (seconds).
     timeout_s: float
-    reason: QuiesceReason = QuiesceReason.IDLE_TIMEOUT
 
 
 @attrs.define
 class _IdleEntry:
     last_active: float
     timeout_s: float
-    state: BackendLifecycle
     #: Sequence number of the heap entry currently valid for this backend, if any.
     sched_seq: int | None = None
     #: Due time of that heap entry.
@@ -72,21 +64,15 @@ class _IdleEntry:
         return self.last_active + self.timeout_s
 
 
-class IdleTracker:
+class IdleTracker(Generic[K]):
     """Per-backend idle deadlines. A non-positive timeout becomes 1 ms."""
 
-    __slots__ = ("_default_timeout_s", "_entries", "_heap", "_seq")
+    __slots__ = ("_entries", "_heap", "_seq")
 
-    def __init__(self, default_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
-        self._default_timeout_s = clamp_duration_s(default_timeout_s)
-        self._entries: dict[Hashable, _IdleEntry] = {}
-        self._heap: list[tuple[float, int, Hashable]] = []
+    def __init__(self) -> None:
+        self._entries: dict[K, _IdleEntry] = {}
+        self._heap: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
-
-    @property
-    def default_timeout_s(self) -> float:
-        """Timeout used for backends registered without one (seconds)."""
-        return self._default_timeout_s
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,70 +80,33 @@ class IdleTracker:
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
-    def keys(self) -> list[Hashable]:
-        """Tracked backends, in first-seen order."""
-        return list(self._entries)
-
-    def state(self, key: Hashable) -> BackendLifecycle | None:
-        """The backend's state, or None when it is not tracked."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry.state
-
-    def last_active(self, key: Hashable) -> float | None:
-        """Monotonic time of the backend's last activity, or None when not tracked."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry.last_active
-
-    def timeout_of(self, key: Hashable) -> float | None:
-        """The backend's idle timeout (seconds), or None when not tracked."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry.timeout_s
-
-    def mark_activity(self, key: Hashable, now: float, timeout_s: float | None = None) -> None:
-        """Record activity at ``now``; the backend becomes (or stays) RUNNING.
-
-        ``timeout_s`` sets the backend's idle timeout (clamped); when omitted, a
-        tracked backend keeps its timeout and a new one gets the default. Activity
-        revives DRAINING and QUIESCED backends.
-        """
+    def mark_activity(self, key: K, now: float, timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+        """Record activity at ``now`` with idle timeout ``timeout_s`` (clamped); track it if new."""
+        timeout = clamp_duration_s(timeout_s)
         entry = self._entries.get(key)
         if entry is None:
-            timeout = self._default_timeout_s if timeout_s is None else clamp_duration_s(timeout_s)
-            entry = _IdleEntry(now, timeout, BackendLifecycle.RUNNING)
-            self._entries[key] = entry
+            entry = self._entries[key] = _IdleEntry(now, timeout)
         else:
-            if timeout_s is not None:
-                entry.timeout_s = clamp_duration_s(timeout_s)
+            entry.timeout_s = timeout
             entry.last_active = now
-            entry.state = BackendLifecycle.RUNNING
         # A heap entry due no later than the new due time is kept: when it pops,
         # the sweep sees the later due time and re-schedules (lazy re-scheduling).
         if entry.sched_seq is None or entry.due_at < entry.sched_due:
             self._schedule(key, entry)
 
-    def mark_draining(self, key: Hashable) -> bool:
-        """Move a tracked backend to DRAINING; False when unknown."""
-        return self._set_state(key, BackendLifecycle.DRAINING)
-
-    def mark_quiesced(self, key: Hashable) -> bool:
-        """Move a tracked backend to QUIESCED; False when unknown."""
-        return self._set_state(key, BackendLifecycle.QUIESCED)
-
-    def remove(self, key: Hashable) -> bool:
+    def remove(self, key: K) -> bool:
         """Stop tracking a backend; False when unknown."""
         if self._entries.pop(key, None) is None:
             return False
         self._maybe_compact()
         return True
 
-    def collect_due(self, now: float) -> list[IdleDue]:
-        """Move every RUNNING backend idle for at least its timeout to DRAINING.
+    def collect_due(self, now: float) -> list[IdleDue[K]]:
+        """Remove and return every backend idle for at least its timeout, earliest due first.
 
-        A backend is due once ``last_active + timeout_s <= now``. Returns them,
-        earliest due first. DRAINING and QUIESCED backends are never reported; a
-        backend is reported again only after new activity.
+        A backend is due once ``last_active + timeout_s <= now``.
         """
-        due: list[IdleDue] = []
+        due: list[IdleDue[K]] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
             sched_due, seq, key = heapq.heappop(heap)
@@ -165,49 +114,38 @@ class IdleTracker:
             if entry is None:
                 continue
             entry.sched_seq = None
-            if entry.state is not BackendLifecycle.RUNNING:
-                continue
             if entry.due_at != sched_due:
                 # Activity since it was scheduled: re-file at the (strictly later)
                 # real due time, so results come out in due order and the loop
                 # always makes progress.
                 self._schedule(key, entry)
                 continue
-            entry.state = BackendLifecycle.DRAINING
+            del self._entries[key]
             due.append(IdleDue(key, now - entry.last_active, entry.timeout_s))
         return due
 
     def next_due_at(self) -> float | None:
-        """Earliest monotonic time a RUNNING backend falls due, or None."""
+        """Earliest monotonic time a tracked backend falls due, or None."""
         heap = self._heap
         while heap:
             sched_due, seq, key = heap[0]
             entry = self._live(key, seq)
-            if entry is not None and entry.state is BackendLifecycle.RUNNING:
+            if entry is not None:
                 if entry.due_at <= sched_due:
                     return entry.due_at
                 heapq.heappop(heap)
                 self._schedule(key, entry)  # stale due time: re-file it
                 continue
             heapq.heappop(heap)
-            if entry is not None:
-                entry.sched_seq = None
         return None
 
-    def _live(self, key: Hashable, seq: int) -> _IdleEntry | None:
+    def _live(self, key: K, seq: int) -> _IdleEntry | None:
         entry = self._entries.get(key)
         if entry is None or entry.sched_seq != seq:
             return None
         return entry
 
-    def _set_state(self, key: Hashable, state: BackendLifecycle) -> bool:
-        entry = self._entries.get(key)
-        if entry is None:
-            return False
-        entry.state = state
-        return True
-
-    def _schedule(self, key: Hashable, entry: _IdleEntry) -> None:
+    def _schedule(self, key: K, entry: _IdleEntry) -> None:
         seq = next(self._seq)
         entry.sched_seq = seq
         entry.sched_due = entry.due_at

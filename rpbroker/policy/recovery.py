@@ -16,11 +16,13 @@ turning :class:`MarkUnavailable` into a wire ``Refused``.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 import attrs
 
 from rpbroker.policy._units import clamp_duration_s, ms_ceil
+
+K = TypeVar("K", bound=Hashable)
 
 #: Seconds to wait before the single retry of a crashed backend: long enough that
 #: an instant crash loop does not spin, short enough to be invisible to clients.
@@ -60,7 +62,7 @@ class _CrashWindow:
     crashes: int
 
 
-class CrashRecovery:
+class CrashRecovery(Generic[K]):
     """Per-key crash windows. Non-positive durations become 1 ms."""
 
     __slots__ = ("_backoff_s", "_window_s", "_windows")
@@ -72,22 +74,12 @@ class CrashRecovery:
     ) -> None:
         self._backoff_s = clamp_duration_s(backoff_s)
         self._window_s = clamp_duration_s(window_s)
-        self._windows: dict[Hashable, _CrashWindow] = {}
-
-    @property
-    def backoff_s(self) -> float:
-        """Delay before the one retry (seconds)."""
-        return self._backoff_s
-
-    @property
-    def window_s(self) -> float:
-        """Crash-counting window (seconds)."""
-        return self._window_s
+        self._windows: dict[K, _CrashWindow] = {}
 
     def __len__(self) -> int:
         return len(self._windows)
 
-    def record_crash(self, key: Hashable, now: float) -> RecoveryDecision:
+    def record_crash(self, key: K, now: float) -> RecoveryDecision:
         """Count one unexpected exit of ``key``'s backend and decide what to do.
 
         First crash in the window: :class:`RetryAfterBackoff`. Any later crash in
@@ -103,11 +95,11 @@ class CrashRecovery:
             return RetryAfterBackoff(self._backoff_s, attempt=1)
         return MarkUnavailable(self._remaining(window, now))
 
-    def record_success(self, key: Hashable) -> None:
+    def record_success(self, key: K) -> None:
         """Forget ``key``'s crashes once its backend is verified healthy."""
         self._windows.pop(key, None)
 
-    def unavailable(self, key: Hashable, now: float) -> MarkUnavailable | None:
+    def unavailable(self, key: K, now: float) -> MarkUnavailable | None:
         """Whether Hellos for ``key`` must be refused now, and for how long.
 
         Refusing lasts until the end of the window that saw the second crash.
@@ -117,17 +109,12 @@ class CrashRecovery:
             return None
         return MarkUnavailable(self._remaining(window, now))
 
-    def window_remaining(self, key: Hashable, now: float) -> float | None:
-        """Seconds left in ``key``'s crash window, or None when no window is open."""
-        window = self._current(key, now)
-        return None if window is None else self._remaining(window, now)
-
-    def crashes_in_window(self, key: Hashable, now: float) -> int:
+    def crashes_in_window(self, key: K, now: float) -> int:
         """Crashes counted in ``key``'s current window (0 when none is open)."""
         window = self._current(key, now)
         return 0 if window is None else window.crashes
 
-    def _current(self, key: Hashable, now: float) -> _CrashWindow | None:
+    def _current(self, key: K, now: float) -> _CrashWindow | None:
         window = self._windows.get(key)
         if window is None:
             return None

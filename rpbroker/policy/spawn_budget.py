@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Hashable
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 import attrs
 
 from rpbroker.policy._units import clamp_count, clamp_duration_s, ms_ceil
+
+K = TypeVar("K", bound=Hashable)
 
 #: Spawn attempts allowed per key per window: a backend that fails this often is
 #: broken, and respawning it faster only burns CPU.
@@ -95,7 +97,7 @@ class _BudgetWindow:
     storm_signaled: bool = False
 
 
-class SpawnBudget:
+class SpawnBudget(Generic[K]):
     """Per-key spawn windows. A count below 1 becomes 1; a non-positive window 1 ms."""
 
     __slots__ = ("_max_attempts", "_window_s", "_windows")
@@ -107,23 +109,13 @@ class SpawnBudget:
     ) -> None:
         self._max_attempts = clamp_count(max_attempts)
         self._window_s = clamp_duration_s(window_s)
-        self._windows: dict[Hashable, _BudgetWindow] = {}
+        self._windows: dict[K, _BudgetWindow] = {}
 
-    @property
-    def max_attempts(self) -> int:
-        """Attempts per window."""
-        return self._max_attempts
-
-    @property
-    def window_s(self) -> float:
-        """Window length (seconds)."""
-        return self._window_s
-
-    def keys(self) -> list[Hashable]:
+    def keys(self) -> list[K]:
         """Keys with budget state, in first-seen order."""
         return list(self._windows)
 
-    def try_begin(self, key: Hashable, now: float) -> SpawnDecision:
+    def try_begin(self, key: K, now: float) -> SpawnDecision:
         """Ask to start a spawn for ``key``.
 
         In order: roll the window over if it ran out; in flight gives
@@ -141,7 +133,7 @@ class SpawnBudget:
         window.in_flight = True
         return SpawnPermit(window.attempts_used, self._max_attempts - window.attempts_used)
 
-    def finish(self, key: Hashable, outcome: SpawnOutcome, now: float) -> None:
+    def finish(self, key: K, outcome: SpawnOutcome, now: float) -> None:
         """Report how a permitted spawn ended.
 
         Clears the in-flight flag. SUCCEEDED restarts the window at ``now`` with no
@@ -156,7 +148,7 @@ class SpawnBudget:
             window.attempts_used = 0
             window.storm_signaled = False
 
-    def snapshot(self, key: Hashable, now: float) -> BudgetSnapshot:
+    def snapshot(self, key: K, now: float) -> BudgetSnapshot:
         """Describe ``key``'s budget at ``now`` without changing it."""
         window = self._windows.get(key)
         if window is None or now - window.started_at >= self._window_s:
@@ -169,11 +161,11 @@ class SpawnBudget:
             self._remaining_s(window, now) if remaining == 0 else None,
         )
 
-    def forget(self, key: Hashable) -> bool:
-        """Drop ``key``'s state (for example when its service is removed)."""
-        return self._windows.pop(key, None) is not None
+    def count_attempt(self, key: K, now: float) -> None:
+        """Count one attempt for ``key`` without marking it in flight (a cap over keys)."""
+        self._refreshed(key, now).attempts_used += 1
 
-    def _refreshed(self, key: Hashable, now: float) -> _BudgetWindow:
+    def _refreshed(self, key: K, now: float) -> _BudgetWindow:
         window = self._windows.get(key)
         if window is None:
             window = _BudgetWindow(started_at=now)
@@ -189,3 +181,57 @@ class SpawnBudget:
     def _remaining_s(self, window: _BudgetWindow, now: float) -> float:
         elapsed = max(0.0, now - window.started_at)
         return max(0.0, self._window_s - elapsed)
+
+
+#: Spawn attempts allowed per service across all its versions per window: twice the
+#: per-key budget, so two versions can each use theirs, while a crash-at-start
+#: service asked for many versions cannot multiply its spawns by the version count.
+DEFAULT_SERVICE_SPAWN_ATTEMPTS: Final[int] = 2 * DEFAULT_SPAWN_ATTEMPTS
+
+S = TypeVar("S", bound=Hashable)
+
+
+class SpawnLimiter(Generic[K, S]):
+    """The per-key budget (the reference's) under a per-service cap across keys.
+
+    ``try_begin(key, service, now)`` permits a spawn only when both allow it: the
+    key's :class:`SpawnBudget` (single flight, N per window) and the service's
+    cap (M attempts per window over every key of the service, no single flight).
+    ``finish`` reports to both; a success resets both windows.
+    """
+
+    __slots__ = ("_keys", "_services")
+
+    def __init__(
+        self,
+        max_attempts: int = DEFAULT_SPAWN_ATTEMPTS,
+        window_s: float = DEFAULT_SPAWN_WINDOW_S,
+        max_service_attempts: int = DEFAULT_SERVICE_SPAWN_ATTEMPTS,
+    ) -> None:
+        self._keys: SpawnBudget[K] = SpawnBudget(max_attempts, window_s)
+        self._services: SpawnBudget[S] = SpawnBudget(max_service_attempts, window_s)
+
+    @property
+    def keys(self) -> SpawnBudget[K]:
+        """The per-key budget (read it with ``snapshot``; do not drive it directly)."""
+        return self._keys
+
+    def try_begin(self, key: K, service: S, now: float) -> SpawnDecision:
+        """Ask to start a spawn for ``key`` of ``service``; see :meth:`SpawnBudget.try_begin`.
+
+        The service cap is checked first without spending anything, so a refusal
+        by either leaves both budgets as they were.
+        """
+        cap = self._services.snapshot(service, now)
+        if cap.remaining == 0:
+            return self._services.try_begin(service, now)  # exhausted: report its window
+        decision = self._keys.try_begin(key, now)
+        if isinstance(decision, SpawnPermit):
+            self._services.count_attempt(service, now)
+        return decision
+
+    def finish(self, key: K, service: S, outcome: SpawnOutcome, now: float) -> None:
+        """Report how a permitted spawn ended to both budgets."""
+        self._keys.finish(key, outcome, now)
+        if outcome is SpawnOutcome.SUCCEEDED:
+            self._services.finish(service, outcome, now)

@@ -1,17 +1,18 @@
-"""One-time handoff tokens: issue, consume exactly once, expire, revoke.
+"""One-time handoff tokens: the token value, its parsing, and the broker's store.
 
-What this module does: models the broker's store of pending handoff tokens (16
-random bytes each, a 30 s time-to-live, at most 1024 pending) and the backend's
-check of a presented token. Every operation takes ``now`` (seconds on a
-monotonic clock) and returns a typed verdict; a token leaves the store as
-ACCEPTED at most once, and a wrong, empty or short presentation never consumes
-the pending token.
+What this module does: :class:`HandoffToken` is an opaque 16-byte value with
+constant-time equality; :func:`parse_token` turns presented raw bytes into one
+or into a typed rejection; :class:`TokenVerdict` names every way a presented
+token is judged, with the ``HandoffAck.error_detail`` text of each (the backend
+SDK uses them). :class:`TokenStore` is the broker's store of pending tokens (16
+random bytes each, a 30 s time-to-live, at most 1024 pending): issue, revoke,
+and expiry, every operation taking ``now`` (seconds on a monotonic clock).
 
 What it leaves to its caller: reading the clock, carrying the raw bytes on the
 wire (``Negotiated.handle_passed_token``, ``HandoffOffer.token``,
-``HandoffAck.token``), mapping a verdict to ``HandoffAck.error_detail`` (see
-:meth:`TokenVerdict.detail`) and any locking; the store is not thread-safe and
-is meant to be owned by one trio task tree.
+``HandoffAck.token``), deciding when a token is done (the pending-ACK registry
+revokes it) and any locking; the store is not thread-safe and is meant to be
+owned by one trio task tree.
 
 Deliberate difference from the reference: token equality is constant-time
 (:func:`hmac.compare_digest`). The reference compares bytes plainly.
@@ -87,7 +88,7 @@ class HandoffToken:
 
 
 class TokenVerdict(enum.Enum):
-    """Outcome of presenting a token."""
+    """How a presented token was judged (the SDK's offer checks report these)."""
 
     ACCEPTED = "accepted"
     NOT_PENDING = "not_pending"
@@ -95,11 +96,6 @@ class TokenVerdict(enum.Enum):
     MISMATCH = "mismatch"
     MISSING = "missing"
     BAD_LENGTH = "bad_length"
-
-    @property
-    def accepted(self) -> bool:
-        """True only for :attr:`ACCEPTED`."""
-        return self is TokenVerdict.ACCEPTED
 
     def detail(self, presented_len: int | None = None) -> str:
         """Human-readable detail, as carried in ``HandoffAck.error_detail``.
@@ -168,8 +164,8 @@ class TokenStore:
     is not positive becomes 1 ms. A token is pending while ``now < issued + ttl``
     (so it is expired exactly at ``now == issued + ttl``).
 
-    Expiry uses a min-heap with lazy deletion: issue, consume, revoke and
-    pruning are O(log n) amortised, whatever the number of pending tokens.
+    Expiry uses a min-heap with lazy deletion: issue, revoke and pruning are
+    O(log n) amortised, whatever the number of pending tokens.
     """
 
     __slots__ = (
@@ -198,42 +194,9 @@ class TokenStore:
         self._heap: list[tuple[float, int, HandoffToken]] = []
         self._seq = itertools.count()
 
-    # -- configuration -------------------------------------------------------------
-
-    @property
-    def max_pending(self) -> int:
-        """Capacity (tokens)."""
-        return self._max_pending
-
-    @property
-    def ttl_s(self) -> float:
-        """Time-to-live of each token (seconds)."""
-        return self._ttl_s
-
-    @property
-    def collision_attempts(self) -> int:
-        """Random draws per :meth:`issue` before :class:`TokenCollisionExhausted`."""
-        return self._collision_attempts
-
-    # -- queries ---------------------------------------------------------------------
-
-    @property
-    def pending_count(self) -> int:
+    def __len__(self) -> int:
         """Tokens held, including any expired ones not yet pruned."""
         return len(self._expires)
-
-    def __len__(self) -> int:
-        return len(self._expires)
-
-    def is_pending(self, token: HandoffToken, now: float) -> bool:
-        """True when ``token`` is held and has not expired at ``now``."""
-        entry = self._expires.get(token)
-        return entry is not None and now < entry[0]
-
-    def expires_at(self, token: HandoffToken) -> float | None:
-        """Absolute expiry (monotonic seconds) of a held token, else None."""
-        entry = self._expires.get(token)
-        return None if entry is None else entry[0]
 
     # -- operations ------------------------------------------------------------------
 
@@ -244,7 +207,7 @@ class TokenStore:
         :class:`TokenCollisionExhausted` when every draw collided. A random source
         that returns the wrong number of bytes raises :class:`ValueError`.
         """
-        self._prune(now, keep=None)
+        self._prune(now)
         if len(self._expires) >= self._max_pending:
             raise TokenStoreFull(self._max_pending)
         for _ in range(self._collision_attempts):
@@ -255,79 +218,12 @@ class TokenStore:
             return token
         raise TokenCollisionExhausted(self._collision_attempts)
 
-    def insert(self, token: HandoffToken, now: float) -> float:
-        """Hold a token issued elsewhere (the backend SDK re-seeds the broker's token).
-
-        Prunes first; re-inserting a held token restarts its time-to-live. Raises
-        :class:`TokenStoreFull` when a new token would exceed capacity. Returns the
-        absolute expiry.
-        """
-        self._prune(now, keep=None)
-        if token not in self._expires and len(self._expires) >= self._max_pending:
-            raise TokenStoreFull(self._max_pending)
-        expires_at = now + self._ttl_s
-        self._hold(token, expires_at)
-        return expires_at
-
-    def consume_matching(
-        self, expected: HandoffToken, presented: bytes | HandoffToken, now: float
-    ) -> TokenVerdict:
-        """Consume ``expected`` if ``presented`` equals it (broker-assigned pairing).
-
-        Order: raw bytes that are empty or the wrong length are rejected without
-        touching the store; then expired tokens other than ``expected`` are pruned;
-        ``expected`` not held is NOT_PENDING; held but expired is removed and
-        EXPIRED; a different presented token is MISMATCH and consumes nothing;
-        otherwise ``expected`` is removed and ACCEPTED (exactly once).
-        """
-        if not isinstance(presented, HandoffToken):
-            parsed = parse_token(presented)
-            if isinstance(parsed, TokenRejection):
-                return parsed.verdict
-            presented = parsed
-        self._prune(now, keep=expected)
-        entry = self._expires.get(expected)
-        if entry is None:
-            return TokenVerdict.NOT_PENDING
-        if now >= entry[0]:
-            self._drop(expected)
-            return TokenVerdict.EXPIRED
-        if presented != expected:
-            return TokenVerdict.MISMATCH
-        self._drop(expected)
-        return TokenVerdict.ACCEPTED
-
-    def consume(self, presented: bytes | HandoffToken, now: float) -> TokenVerdict:
-        """Consume ``presented`` if it is held (backend side, no expected pairing).
-
-        Malformed bytes are rejected without touching the store; a held but
-        expired token is removed and EXPIRED; an unknown token is NOT_PENDING.
-        """
-        if not isinstance(presented, HandoffToken):
-            parsed = parse_token(presented)
-            if isinstance(parsed, TokenRejection):
-                return parsed.verdict
-            presented = parsed
-        entry = self._expires.get(presented)
-        if entry is None:
-            self._prune(now, keep=None)
-            return TokenVerdict.NOT_PENDING
-        self._drop(presented)
-        self._prune(now, keep=None)
-        if now >= entry[0]:
-            return TokenVerdict.EXPIRED
-        return TokenVerdict.ACCEPTED
-
     def revoke(self, token: HandoffToken) -> bool:
         """Forget ``token`` without consuming it; True when it was held."""
         if token not in self._expires:
             return False
         self._drop(token)
         return True
-
-    def prune_expired(self, now: float) -> int:
-        """Drop every token expired at ``now``; returns how many were dropped."""
-        return self._prune(now, keep=None)
 
     # -- internals -------------------------------------------------------------------
 
@@ -341,23 +237,14 @@ class TokenStore:
         del self._expires[token]
         self._maybe_compact()
 
-    def _prune(self, now: float, keep: HandoffToken | None) -> int:
+    def _prune(self, now: float) -> None:
         heap = self._heap
-        removed = 0
-        kept: tuple[float, int, HandoffToken] | None = None
         while heap and heap[0][0] <= now:
-            item = heapq.heappop(heap)
-            entry = self._expires.get(item[2])
-            if entry is None or entry[1] != item[1]:
-                continue  # stale heap entry: consumed, revoked or re-inserted
-            if keep is not None and item[2] == keep:
-                kept = item
-                continue
-            del self._expires[item[2]]
-            removed += 1
-        if kept is not None:
-            heapq.heappush(heap, kept)
-        return removed
+            _expires_at, seq, token = heapq.heappop(heap)
+            entry = self._expires.get(token)
+            if entry is None or entry[1] != seq:
+                continue  # stale heap entry: revoked
+            del self._expires[token]
 
     def _maybe_compact(self) -> None:
         if len(self._heap) > 2 * len(self._expires) + _HEAP_SLACK:

@@ -19,7 +19,6 @@ from rpbroker.policy.broadcast import (
     BroadcastFailure,
     BroadcastOperation,
     Quiesce,
-    ScriptedResponse,
 )
 from rpbroker.wire import DaemonProcess, Endpoint
 
@@ -27,6 +26,13 @@ from ._channel import MemoryControlChannel
 from ._process import FakeProcess
 
 logger = logging.getLogger("rpbroker.testing")
+
+
+class ScriptedResponse(enum.Enum):
+    """A broadcast response of a fake: acknowledge, or never answer."""
+
+    ACK = "ack"
+    TIMEOUT = "timeout"
 
 
 class Dies(enum.Enum):
@@ -89,6 +95,8 @@ class FakeBackendScript:
     ``listen``: bind ``request.endpoint`` (the reconnect route); false saves a
     socket per fake (for thousands of fakes) but reconnecting clients then fail.
     ``spawn_error``: make ``launch`` raise ``transports.SpawnError(spawn_error)``.
+    ``exit_on_terminate``: SIGTERM ends the process (status -15); false ignores it
+    (only SIGKILL ends it then).
     ``exit_status``: the status of the exits above (and of ``DEAD``/``CRASH``).
     """
 
@@ -102,6 +110,7 @@ class FakeBackendScript:
     drain_timeout_s: float = 10.0
     listen: bool = True
     spawn_error: str | None = None
+    exit_on_terminate: bool = True
     exit_status: int = 1
 
 
@@ -159,35 +168,18 @@ class _ScriptedSdk(_Backend):
             if token in self._consumed:
                 fake.handoffs_adopted += 1
             return
-        if behaviour is HandoffBehaviour.CRASH:
+        if behaviour is HandoffBehaviour.CRASH or behaviour is HandoffBehaviour.NEVER_ACK:
             if passed is not None:
+                # Held until the fake ends (the offer task must not close it).
                 fake._held.append(passed.stream)
-            fake.process.exit(fake.script.exit_status)
-            await trio.lowlevel.checkpoint()
-            return
-        if behaviour is HandoffBehaviour.NEVER_ACK:
-            if passed is not None:
-                fake._held.append(passed.stream)
+                self._adopted.add(passed.stream)
+            if behaviour is HandoffBehaviour.CRASH:
+                fake.process.exit(fake.script.exit_status)
             await trio.lowlevel.checkpoint()
             return
         assert behaviour is HandoffBehaviour.REJECT
-        detail = "rpbroker.testing fake backend refuses handoffs"
-        if passed is not None:
-            rejection = control.handoff_ready_event(
-                token=token, accepted=False, detail=detail, correlation_id=offer.correlation_id
-            )
-            with (
-                trio.move_on_after(1.0),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-            ):
-                await passed.stream.send_all(rejection)
-            await passed.stream.aclose()
         fake.handoffs_rejected += 1
-        await self.channel.send_message(
-            control.handoff_reply(
-                token=token, accepted=False, detail=detail, correlation_id=offer.correlation_id
-            )
-        )
+        await self._refuse(notice, passed, "rpbroker.testing fake backend refuses handoffs")
 
     async def _on_broadcast(self, notice: control.BroadcastNotice, done: trio.CancelScope) -> None:
         fake = self._fake

@@ -15,7 +15,6 @@ import attrs
 import trio
 
 import transports
-from rpbroker.backends import BackendHandle, BackendKey
 from rpbroker.broker import Broker, open_broker
 from rpbroker.client import (
     BrokeredStream,
@@ -29,6 +28,7 @@ from rpbroker.errors import BrokerProtocolError, BrokerUnavailableError, Refused
 from rpbroker.events import EventKind, LifecycleEvent
 from rpbroker.policy.hello import Refusal
 from rpbroker.services import DEFAULT_IDLE_TIMEOUT_SECS, Isolation, load_service
+from rpbroker.supervisor import BackendKey, Incarnation
 from rpbroker.wire import HelloReply, Negotiated
 from rpbroker.wire.frames import MalformedMessage, decode, decode_frame
 from rpbroker.wire.framing import MAX_FRAME_BYTES, FramingError, TruncatedFrame, read_frame_body
@@ -240,9 +240,9 @@ class TestBroker:
         spec = load_service(self.services_dir, service)
         return BackendKey(spec.instance_id, service, version)
 
-    def handle(self, service: str, version: str) -> BackendHandle | None:
-        """The broker's registry entry for ``service`` at ``version``, if any."""
-        return self.broker.backends.get(self.key(service, version))
+    def handle(self, service: str, version: str) -> Incarnation | None:
+        """The incarnation serving new Hellos for ``service`` at ``version``, if any."""
+        return self.broker.backends.current(self.key(service, version))
 
     async def start_backend(self, service: str, version: str) -> FakeBackend:
         """Have the supervisor start (or find) the backend, without a client Hello.

@@ -100,7 +100,7 @@ class FakeLauncher:
         script = self.script_for(request)
         if script.spawn_error is not None:
             raise transports.SpawnError(script.spawn_error)
-        process = FakeProcess()
+        process = FakeProcess(terminate_exits=script.exit_on_terminate)
         broker_end, backend_end = memory_control_pair(backend_pid=process.pid)
         fake = FakeBackend(request, script, process, backend_end, self._notify)
         self.history.append(fake)

@@ -34,8 +34,10 @@ class FakeProcess:
     ``exit(status)`` ends it (idempotent: the first status wins); ``kill_tree``
     exits with ``-9`` and ``terminate_tree`` with ``-15`` (unless
     ``terminate_exits`` is false: then the request is recorded and ignored).
-    ``signals`` records, in order, every request the broker made: ``"SIGKILL"``
-    for ``kill_tree`` and ``"SIGTERM"`` for ``terminate_tree`` (on every platform).
+    ``signals`` records, in order, every request the broker made while the process
+    was alive: ``"SIGKILL"`` for ``kill_tree`` and ``"SIGTERM"`` for
+    ``terminate_tree`` (on every platform). (The broker also signals a process
+    group once its leader has exited, for stragglers; that reaches no fake.)
     ``started_at`` and ``exited_at`` are ``trio.current_time()`` values, exact under
     ``MockClock``.
     """
@@ -77,12 +79,16 @@ class FakeProcess:
 
     def terminate_tree(self) -> None:
         """Record SIGTERM; exit with ``-15`` unless ``terminate_exits`` is false. Idempotent."""
+        if self._returncode is not None:
+            return
         self.signals.append("SIGTERM")
         if self.terminate_exits:
             self.exit(TERMINATED_STATUS)
 
     def kill_tree(self) -> None:
         """Record SIGKILL and exit with ``-9``. Idempotent."""
+        if self._returncode is not None:
+            return
         self.signals.append("SIGKILL")
         self.exit(KILLED_STATUS)
 

@@ -130,14 +130,23 @@ def request(
 
 
 def response_to(
-    request: _v1.Frame, payload: bytes, *, payload_protocol: int | None = None
+    request: _v1.Frame,
+    payload: bytes,
+    *,
+    payload_protocol: int | None = None,
+    deadline_unix_ms: int = 0,
 ) -> _v1.Frame:
-    """The RESPONSE to ``request``: same lane unless given, echoing id and trace context."""
+    """The RESPONSE to ``request``: same lane unless given, echoing id and trace context.
+
+    ``deadline_unix_ms`` (0: none) states a deadline the reply commits to; the
+    broker puts a handoff's adoption deadline there.
+    """
     return _frame(
         FrameKind.RESPONSE,
         request.payload_protocol if payload_protocol is None else payload_protocol,
         payload,
         request_id=request.request_id,
+        deadline_unix_ms=deadline_unix_ms,
         traceparent=request.traceparent,
         tracestate=request.tracestate,
     )

@@ -251,7 +251,9 @@ async def test_diagnose_describes_a_metadata_only_bundle(broker: rpbroker.Broker
     assert json.loads(cli.stdout)["files"] == paths
 
 
-async def test_metrics_render_the_eight_families_in_order(broker: rpbroker.Broker) -> None:
+async def test_metrics_render_the_eight_frozen_families_first_in_order(
+    broker: rpbroker.Broker,
+) -> None:
     with trio.fail_after(20):
         await warm(broker)
         reply = await admin_request(broker.socket_path, AdminVerb.METRICS)
@@ -262,8 +264,10 @@ async def test_metrics_render_the_eight_families_in_order(broker: rpbroker.Broke
     text = reply.body
     assert text.endswith("# EOF\n")
     types = [line.split()[2:] for line in text.splitlines() if line.startswith("# TYPE ")]
-    assert types == [[PREFIX + suffix, kind] for suffix, kind in FAMILIES]
-    assert len(types) == 8
+    # The frozen v1 families first, in order; rpbroker's own families after them.
+    assert types[:8] == [[PREFIX + suffix, kind] for suffix, kind in FAMILIES]
+    assert all(name.startswith("rpbroker_") for name, _kind in types[8:])
+    assert f"{PREFIX}fd_usage_ratio 0.000000" not in text.splitlines()
     lines = text.splitlines()
     assert f'{PREFIX}hello_total{{service="echo",version="1.0.0",outcome="negotiated"}} 1' in lines
     assert f'{PREFIX}active_backends{{service="echo"}} 1' in lines
@@ -272,9 +276,8 @@ async def test_metrics_render_the_eight_families_in_order(broker: rpbroker.Broke
     assert f"{PREFIX}connections_open 1" in lines
     assert cli.returncode == 0
     assert cli.stdout.rstrip("\n").endswith("# EOF")
-    assert [line.split()[2] for line in cli.stdout.splitlines() if line.startswith("# TYPE ")] == [
-        PREFIX + suffix for suffix, _ in FAMILIES
-    ]
+    cli_types = [line.split()[2] for line in cli.stdout.splitlines() if line.startswith("# TYPE ")]
+    assert cli_types[:8] == [PREFIX + suffix for suffix, _ in FAMILIES]
 
 
 async def test_metrics_count_spawn_attempts(broker: rpbroker.Broker) -> None:

@@ -6,6 +6,7 @@ error, data is never delivered twice, and the broker ends with no pending token.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,11 @@ FAST = {"ack_deadline_s": 1.0, "handoff_adopt_window_s": 0.5}
 
 
 @pytest.mark.parametrize(
-    ("mode", "stage"),
-    [("reject", "await-ack"), ("never-ack", "await-ack"), ("forged-ack", "await-ack")],
+    ("mode", "failure"),
+    [("reject", "backend-rejected"), ("never-ack", "ack-timeout"), ("forged-ack", "ack-mismatch")],
 )
 async def test_misbehaving_backend_falls_back_to_reconnect(
-    workspace: Workspace, mode: str, stage: str
+    workspace: Workspace, mode: str, failure: str
 ) -> None:
     counter = workspace.root / "received"
     workspace.add_service("svc", mode=mode, env={"RPB_TEST_COUNTER": str(counter)})
@@ -41,10 +42,11 @@ async def test_misbehaving_backend_falls_back_to_reconnect(
             # Exactly once: the handed-off copy of request-1 was never served.
             assert counter.read_bytes() == b"request-1+more"
             fallbacks = [e for e in broker.recent_events() if e.kind is EventKind.HANDOFF_FALLBACK]
-            assert [e.details["stage"] for e in fallbacks] == [stage]
+            # The reason says what really happened.
+            assert [e.details["failure"] for e in fallbacks] == [failure]
             assert fallbacks[0].details["fd_reached_backend"] is True
             assert len(broker.handoff.acks) == 0
-            assert broker.handoff.tokens.pending_count == 0
+            assert len(broker.handoff.tokens) == 0
 
 
 async def test_backend_dying_with_the_fd_gives_a_working_route_or_a_typed_error(
@@ -72,7 +74,7 @@ async def test_backend_dying_with_the_fd_gives_a_working_route_or_a_typed_error(
                 pass
             await broker.wait_connections_closed()
             assert len(broker.handoff.acks) == 0
-            assert broker.handoff.tokens.pending_count == 0
+            assert len(broker.handoff.tokens) == 0
             crashed = [e for e in broker.recent_events() if e.kind is EventKind.CRASHED]
             assert crashed, "the broker noticed the backend's death"
 
@@ -82,8 +84,10 @@ async def test_replayed_token_is_refused_by_the_backend(
 ) -> None:
     # The SDK backend remembers consumed tokens: a second offer with the same
     # token must be refused, and the client must still be served by reconnect.
-    from rpbroker.backends import BackendHandle
+    from rpbroker.handoff import AttemptFailure, ClientWrites, HandoffFellBack, HandoffPlan
+    from rpbroker.policy.ack import BackendRef
     from rpbroker.policy.tokens import HandoffToken
+    from rpbroker.supervisor import Incarnation
 
     workspace.add_service("echo")
     async with rpbroker.open_broker(workspace.config(**FAST)) as broker:
@@ -91,17 +95,21 @@ async def test_replayed_token_is_refused_by_the_backend(
             async with rpbroker.connect("echo", "1.0.0", broker=broker.socket_path) as first:
                 assert first.route is rpbroker.Route.HANDOFF
                 token = bytes(first.negotiated.handle_passed_token) if first.negotiated else b""
-            handle: BackendHandle = next(iter(broker.backends))
+            handle: Incarnation = next(iter(broker.backends))
             replay = HandoffToken(token)
-            broker.handoff.acks.register(replay, handle.ref, trio.current_time())
+            deadline = broker.handoff.acks.register(
+                replay, BackendRef("echo", handle.pid), trio.current_time()
+            )
+            plan = HandoffPlan(replay, 999, int((time.time() + 5) * 1000), deadline)
             a, b = trio.socket.socketpair()
             client_side = trio.SocketStream(a)
             broker_side = trio.SocketStream(b)
-            outcome = await broker.handoff.attempt(broker_side, handle, replay, 999, b"")
+            outcome = await broker.handoff.deliver(plan, broker_side, handle, b"", trio.Event())
             await broker_side.aclose()
-            assert outcome.__class__.__name__ == "HandoffFellBack"
-            assert "not pending" in outcome.detail  # type: ignore[union-attr]
-            assert outcome.backend_rejected  # type: ignore[union-attr]
+            assert isinstance(outcome, HandoffFellBack)
+            assert outcome.failure is AttemptFailure.BACKEND_REJECTED
+            assert "not pending" in outcome.detail
+            assert outcome.writes is ClientWrites.HANDED_OFF
             # The backend told the client itself before closing its copy.
             data = await client_side.receive_some(4096)
             assert data.startswith(b"\x01")
@@ -131,5 +139,7 @@ async def test_failed_attempts_are_rate_limited_per_backend(workspace: Workspace
                 ) as stream:
                     assert stream.route is rpbroker.Route.RECONNECT
         fallbacks = [e for e in broker.recent_events() if e.kind is EventKind.HANDOFF_FALLBACK]
+        skipped = [e for e in broker.recent_events() if e.kind is EventKind.HANDOFF_SKIPPED]
         # 8 failures per 30 s window, then the broker stops offering handoffs.
         assert len(fallbacks) == 8
+        assert [e.details["fallback"] for e in skipped] == ["failed_attempt_rate_limited"] * 2

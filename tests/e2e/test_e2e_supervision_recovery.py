@@ -18,8 +18,8 @@ import trio
 
 import rpbroker
 from rpbroker.admin_client import admin_request
-from rpbroker.backends import BackendHandle
 from rpbroker.events import EventKind
+from rpbroker.supervisor import Incarnation as BackendHandle
 from rpbroker.wire.codes import AdminVerb, RefusalCode
 
 from .support import Workspace, child_pids, round_trip
@@ -63,7 +63,7 @@ async def test_killed_backend_is_respawned_with_no_client_involved(workspace: Wo
             assert crashed.details["status"] == -signal.SIGKILL
             assert crashed.reason == f"exited unexpectedly with status {-signal.SIGKILL}"
             assert watch.of(EventKind.RETRYING)[0].details["delay_ms"] == 50
-            assert first.finished.is_set() and pid_gone(first.pid)
+            assert first.ended.is_set() and pid_gone(first.pid)
             second = only_backend(broker, "echo")
             assert second.pid == running.pid
             assert second.endpoint != first.endpoint
@@ -239,7 +239,7 @@ async def test_a_shorter_idle_timeout_registered_later_is_honoured(workspace: Wo
                 assert [(e.service_name, e.pid) for e in watch.of(EventKind.IDLE_QUIESCE)] == [
                     ("hasty", hasty.pid)
                 ], "the hasty backend was not quiesced while the loop slept for the patient one"
-            assert only_backend(broker, "patient").alive
+            assert not only_backend(broker, "patient").exited.is_set()
 
 
 async def test_failing_spawns_spend_the_budget_then_hellos_are_rate_limited(

@@ -203,7 +203,7 @@ async def test_shutdown_cancels_a_partial_spawn_and_its_waiting_hello(
                 nursery.start_soon(waiting_client)
                 spawning = await watch.wait_for(EventKind.SPAWNING)
                 handle = next(iter(broker.backends))
-                assert handle.state.value == "spawning"
+                assert handle.status == "spawning"
                 assert handle.pid > 0, "the backend process exists, not yet ready"
                 await broker.shutdown()
             [refusal] = outcome

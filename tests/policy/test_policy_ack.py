@@ -11,10 +11,8 @@ from rpbroker.policy.ack import (
     AckRejected,
     AckRejection,
     BackendRef,
-    ExpiredHandoff,
 )
-from rpbroker.policy.fallback import Fallback, FallbackReason
-from rpbroker.policy.tokens import TokenStore, TokenVerdict
+from rpbroker.policy.tokens import TokenStore
 
 ZCCACHE = BackendRef("zccache", 0)
 
@@ -26,34 +24,27 @@ def make(deadline_s: float = DEFAULT_ACK_DEADLINE_S) -> tuple[TokenStore, AckReg
 
 def test_default_deadline_is_five_seconds() -> None:
     assert DEFAULT_ACK_DEADLINE_S == 5.0
-    _, registry = make()
-    assert registry.deadline_s == 5.0
+    tokens, registry = make()
+    assert registry.register(tokens.issue(10.0), ZCCACHE, 10.0) == 15.0
 
 
-def test_zero_deadline_clamps_to_one_millisecond() -> None:
-    _, registry = make(0.0)
-    assert registry.deadline_s == 0.001
-    _, negative = make(-1.0)
-    assert negative.deadline_s == 0.001
+@pytest.mark.parametrize("deadline_s", [0.0, -1.0, float("nan")])
+def test_non_positive_deadline_clamps_to_one_millisecond(deadline_s: float) -> None:
+    tokens, registry = make(deadline_s)
+    token = tokens.issue(0.0)
+    assert registry.register(token, ZCCACHE, 0.0) == 0.001
+    outcome = registry.acknowledge(token, 0.001)
+    assert outcome == AckRejected(AckRejection.DEADLINE_EXCEEDED, ZCCACHE, 0.001)
 
 
 def test_register_records_backend_and_deadline() -> None:
     tokens, registry = make()
     token = tokens.issue(10.0)
-    assert registry.register(token, ZCCACHE, 10.0) == 15.0
+    backend = BackendRef("zccache", 4242)
+    assert registry.register(token, backend, 10.0) == 15.0
     assert len(registry) == 1
-    assert token in registry
-    assert registry.backend_of(token) == BackendRef("zccache", 0)
-    assert registry.deadline_of(token) == 15.0
-    assert registry.next_deadline() == 15.0
-
-
-def test_register_with_override_deadline() -> None:
-    tokens, registry = make()
-    token = tokens.issue(0.0)
-    assert registry.register(token, ZCCACHE, 0.0, deadline_s=0.5) == 0.5
-    other = tokens.issue(0.0)
-    assert registry.register(other, ZCCACHE, 0.0, deadline_s=0.0) == 0.001
+    outcome = registry.acknowledge(token, 14.5)
+    assert outcome == AckCompleted(token, backend, 4.5)
 
 
 def test_ack_before_deadline_completes_and_rejects_duplicate_ack() -> None:
@@ -64,45 +55,30 @@ def test_ack_before_deadline_completes_and_rejects_duplicate_ack() -> None:
     assert outcome == AckCompleted(token, ZCCACHE, 1.25)
     assert isinstance(outcome, AckCompleted) and outcome.waited_s < 5.0
     assert len(registry) == 0
-    assert tokens.pending_count == 0
+    assert len(tokens) == 0
     again = registry.acknowledge(token, 1.3)
     assert again == AckRejected(AckRejection.NOT_PENDING)
     assert again.backend is None and again.deadline_s is None
 
 
-def test_completed_token_cannot_be_adopted_by_backend() -> None:
+def test_completed_token_is_revoked_from_the_store() -> None:
     tokens, registry = make()
     token = tokens.issue(0.0)
     registry.register(token, ZCCACHE, 0.0)
     registry.acknowledge(token, 0.1)
-    assert tokens.consume(token, 0.2) is TokenVerdict.NOT_PENDING
+    assert tokens.revoke(token) is False  # no longer held: it cannot be adopted later
 
 
-def test_missed_deadline_expires_with_backend_ack_timeout_and_revokes_token() -> None:
-    tokens, registry = make(0.010)
-    token = tokens.issue(0.0)
-    registry.register(token, ZCCACHE, 0.0)
-    expired = registry.expire_overdue(1.0)
-    assert expired == [ExpiredHandoff(token, ZCCACHE, 0.010)]
-    assert expired[0].reason is FallbackReason.BACKEND_ACK_TIMEOUT
-    assert expired[0].fallback() == Fallback(FallbackReason.BACKEND_ACK_TIMEOUT)
-    assert registry.acknowledge(token, 1.0) == AckRejected(AckRejection.NOT_PENDING)
-    assert tokens.consume_matching(token, token, 1.0) is TokenVerdict.NOT_PENDING
-
-
-def test_late_ack_without_sweep_reports_deadline_exceeded() -> None:
+def test_late_ack_reports_deadline_exceeded_and_revokes() -> None:
     tokens, registry = make(0.005)
     token = tokens.issue(0.0)
     backend = BackendRef("zccache", 4242)
     registry.register(token, backend, 0.0)
     outcome = registry.acknowledge(token, 0.050)
     assert outcome == AckRejected(AckRejection.DEADLINE_EXCEEDED, backend, 0.005)
-    assert isinstance(outcome, AckRejected)
-    assert outcome.deadline == 0.005
-    assert outcome.fallback_reason is FallbackReason.BACKEND_ACK_TIMEOUT
     assert len(registry) == 0
-    assert tokens.pending_count == 0
-    assert registry.expire_overdue(1.0) == []
+    assert len(tokens) == 0
+    assert registry.acknowledge(token, 0.060) == AckRejected(AckRejection.NOT_PENDING)
 
 
 def test_ack_exactly_at_deadline_is_late() -> None:
@@ -114,8 +90,15 @@ def test_ack_exactly_at_deadline_is_late() -> None:
     assert outcome.reason is AckRejection.DEADLINE_EXCEEDED
 
 
-def test_not_pending_rejection_has_no_fallback_reason() -> None:
-    assert AckRejected(AckRejection.NOT_PENDING).fallback_reason is None
+def test_ack_just_before_deadline_completes() -> None:
+    tokens, registry = make(1.0)
+    token = tokens.issue(0.0)
+    registry.register(token, ZCCACHE, 0.0)
+    assert isinstance(registry.acknowledge(token, 0.999), AckCompleted)
+
+
+def test_rejection_values_match_reference() -> None:
+    assert [r.value for r in AckRejection] == ["not_pending", "deadline_exceeded"]
 
 
 def test_abandon_removes_entry_and_revokes() -> None:
@@ -124,25 +107,28 @@ def test_abandon_removes_entry_and_revokes() -> None:
     registry.register(token, ZCCACHE, 0.0)
     assert registry.abandon(token) is True
     assert len(registry) == 0
-    assert tokens.pending_count == 0
+    assert len(tokens) == 0
     assert registry.acknowledge(token, 0.1) == AckRejected(AckRejection.NOT_PENDING)
+
+
+def test_overdue_entry_stays_until_its_attempt_abandons_it() -> None:
+    # No sweep: the shell's wait ends at the deadline and abandons its own entry.
+    tokens, registry = make(1.0)
+    token = tokens.issue(0.0)
+    registry.register(token, ZCCACHE, 0.0)
+    tokens.issue(3.0)  # time passes; nothing expires the entry by itself
+    assert len(registry) == 1
+    assert registry.abandon(token) is True
+    assert len(registry) == 0
+    assert len(tokens) == 1  # only the other token is left
 
 
 def test_abandon_with_nothing_pending_still_revokes_token() -> None:
     tokens, registry = make()
     token = tokens.issue(0.0)  # issued but never registered
     assert registry.abandon(token) is False
-    assert tokens.pending_count == 0
-    assert tokens.consume(token, 0.0) is TokenVerdict.NOT_PENDING
-
-
-def test_abandon_after_expiry_reports_nothing_pending() -> None:
-    tokens, registry = make(1.0)
-    token = tokens.issue(0.0)
-    registry.register(token, ZCCACHE, 0.0)
-    assert len(registry.expire_overdue(2.0)) == 1
-    assert registry.abandon(token) is False
-    assert tokens.pending_count == 0
+    assert len(tokens) == 0
+    assert tokens.revoke(token) is False
 
 
 def test_abandon_twice() -> None:
@@ -153,83 +139,62 @@ def test_abandon_twice() -> None:
     assert registry.abandon(token) is False
 
 
+def test_abandon_after_a_late_ack_reports_nothing_pending() -> None:
+    tokens, registry = make(1.0)
+    token = tokens.issue(0.0)
+    registry.register(token, ZCCACHE, 0.0)
+    assert isinstance(registry.acknowledge(token, 2.0), AckRejected)
+    assert registry.abandon(token) is False
+
+
 def test_reregistering_same_token_replaces_entry() -> None:
     tokens, registry = make(1.0)
     token = tokens.issue(0.0)
     registry.register(token, BackendRef("a", 1), 0.0)
-    registry.register(token, BackendRef("b", 2), 5.0)
+    assert registry.register(token, BackendRef("b", 2), 5.0) == 6.0
     assert len(registry) == 1
-    assert registry.backend_of(token) == BackendRef("b", 2)
-    # The first registration's deadline (1.0) no longer applies.
-    assert registry.expire_overdue(3.0) == []
-    assert registry.next_deadline() == 6.0
+    # The first registration's deadline (1.0) and backend no longer apply.
     outcome = registry.acknowledge(token, 5.5)
-    assert isinstance(outcome, AckCompleted)
-    assert outcome.waited_s == 0.5
+    assert outcome == AckCompleted(token, BackendRef("b", 2), 0.5)
 
 
-def test_expire_overdue_only_takes_overdue_entries_in_deadline_order() -> None:
-    tokens, registry = make()
+def test_entries_are_independent() -> None:
+    tokens, registry = make(1.0)
     late = tokens.issue(0.0)
     early = tokens.issue(0.0)
-    fresh = tokens.issue(0.0)
     registry.register(late, BackendRef("late"), 2.0)
     registry.register(early, BackendRef("early"), 1.0)
-    registry.register(fresh, BackendRef("fresh"), 10.0)
-    assert registry.expire_overdue(5.999) == []
-    expired = registry.expire_overdue(7.0)
-    assert [e.backend.service_name for e in expired] == ["early", "late"]
-    assert len(registry) == 1
-    assert fresh in registry
-    assert tokens.is_pending(fresh, 7.0)
-    assert registry.next_deadline() == 15.0
-
-
-def test_expiry_exactly_at_deadline() -> None:
-    tokens, registry = make(2.0)
-    token = tokens.issue(0.0)
-    registry.register(token, ZCCACHE, 0.0)
-    assert registry.expire_overdue(1.999) == []
-    assert len(registry.expire_overdue(2.0)) == 1
-
-
-def test_next_deadline_skips_completed_entries() -> None:
-    tokens, registry = make(1.0)
-    first = tokens.issue(0.0)
-    second = tokens.issue(0.0)
-    registry.register(first, ZCCACHE, 0.0)
-    registry.register(second, ZCCACHE, 0.5)
-    registry.acknowledge(first, 0.6)
-    assert registry.next_deadline() == 1.5
-    registry.abandon(second)
-    assert registry.next_deadline() is None
+    assert isinstance(registry.acknowledge(early, 2.5), AckRejected)
+    assert registry.acknowledge(late, 2.5) == AckCompleted(late, BackendRef("late"), 0.5)
 
 
 def test_empty_registry() -> None:
-    _, registry = make()
+    tokens, registry = make()
     assert len(registry) == 0
-    assert registry.next_deadline() is None
-    assert registry.expire_overdue(1e9) == []
-    assert registry.deadline_of(TokenStore().issue(0.0)) is None
+    assert registry.acknowledge(tokens.issue(0.0), 1e9) == AckRejected(AckRejection.NOT_PENDING)
 
 
 def test_ack_of_unregistered_token_does_not_revoke_it() -> None:
     tokens, registry = make()
     token = tokens.issue(0.0)
     assert registry.acknowledge(token, 0.0) == AckRejected(AckRejection.NOT_PENDING)
-    assert tokens.is_pending(token, 0.0)
+    assert len(tokens) == 1
+    assert tokens.revoke(token) is True
 
 
 @pytest.mark.parametrize("n", [1_000, 20_000])
-def test_heap_garbage_stays_bounded_under_churn(n: int) -> None:
+def test_nothing_accumulates_under_churn(n: int) -> None:
     tokens = TokenStore(max_pending=n + 1)
     registry = AckRegistry(tokens)
     for i in range(n):
         token = tokens.issue(float(i))
         registry.register(token, ZCCACHE, float(i))
-        registry.acknowledge(token, float(i))
+        if i % 2:
+            assert isinstance(registry.acknowledge(token, float(i)), AckCompleted)
+        else:
+            assert registry.abandon(token)
     assert len(registry) == 0
-    assert len(registry._heap) <= 64 + 1
+    assert len(tokens) == 0
 
 
 def test_hello_time_registration_knows_only_the_service() -> None:
@@ -237,14 +202,16 @@ def test_hello_time_registration_knows_only_the_service() -> None:
     token = tokens.issue(0.0)
     registry.register(token, BackendRef("zccache"), 0.0)
     assert len(registry) == 1
-    assert registry.backend_of(token) == BackendRef("zccache", 0)
+    outcome = registry.acknowledge(token, 0.1)
+    assert isinstance(outcome, AckCompleted)
+    assert outcome.backend == BackendRef("zccache", 0)
 
 
 def test_expired_handoff_does_not_poison_later_handoffs_for_the_backend() -> None:
     tokens, registry = make(1.0)
     first = tokens.issue(0.0)
     registry.register(first, ZCCACHE, 0.0)
-    assert len(registry.expire_overdue(5.0)) == 1
+    assert registry.abandon(first)  # its wait ran out
     second = tokens.issue(5.0)
     registry.register(second, ZCCACHE, 5.0)
     assert isinstance(registry.acknowledge(second, 5.5), AckCompleted)

@@ -1,4 +1,4 @@
-"""Lifecycle broadcast model, collector and result (seed 004)."""
+"""Lifecycle broadcast operations, collector and result (seed 004)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,10 @@ from rpbroker.policy.broadcast import (
     BackendTimedOut,
     BroadcastCollector,
     BroadcastFailure,
-    BroadcastPolicy,
     BroadcastResult,
-    InMemoryBroadcastModel,
     Quiesce,
     QuiesceReason,
     ReleaseHandles,
-    ScriptedResponse,
-    backend_json,
 )
 
 RELEASE = ReleaseHandles("/work/cache")
@@ -39,108 +35,112 @@ class Key:
 
 def test_default_broadcast_ack_timeout_is_five_seconds() -> None:
     assert DEFAULT_BROADCAST_ACK_TIMEOUT_S == 5.0
-    assert BroadcastPolicy().ack_timeout_s == 5.0
-    assert BroadcastPolicy(0.0).ack_timeout_s == 0.001
+    result = BroadcastCollector(RELEASE, ["a"]).result()
+    assert result.timeouts == (BackendTimedOut("a", 5.0),)
 
 
-def test_broadcast_release_handles_reaches_all_live_backends() -> None:
-    model = InMemoryBroadcastModel()
+@pytest.mark.parametrize("timeout_s", [0.0, -2.0, float("nan")])
+def test_collector_clamps_a_non_positive_timeout_to_one_millisecond(timeout_s: float) -> None:
+    result = BroadcastCollector(RELEASE, ["a"], ack_timeout_s=timeout_s).result()
+    assert result.timeouts == (BackendTimedOut("a", 0.001),)
+    assert result.to_json()["timeouts"] == [{"backend": "a", "timeout_ms": 1}]
+
+
+def test_collector_keeps_a_positive_timeout() -> None:
+    result = BroadcastCollector(RELEASE, ["a"], ack_timeout_s=0.25).result()
+    assert result.timeouts == (BackendTimedOut("a", 0.25),)
+
+
+def test_collector_knows_its_operation() -> None:
+    assert BroadcastCollector(RELEASE, []).operation == RELEASE
+
+
+def test_all_acks_reach_every_live_backend() -> None:
+    collector = BroadcastCollector(RELEASE, ["a", "b", "c"])
     for name in ("a", "b", "c"):
-        model.register(name)
-    result = model.release_handles("/work/cache")
+        assert collector.record(BackendAcked(name))
+    result = collector.result()
     assert result.operation == RELEASE
     assert result.acks == (BackendAcked("a"), BackendAcked("b"), BackendAcked("c"))
     assert result.sent_count == 3
     assert result.all_live_backends_acked
-    for name in ("a", "b", "c"):
-        assert model.received(name) == (RELEASE,)
 
 
-def test_broadcast_skips_dead_backends_and_reports_timeouts() -> None:
-    model = InMemoryBroadcastModel(BroadcastPolicy(0.25))
-    model.register("live")
-    model.register("dead", alive=False)
-    model.register("slow", ScriptedResponse.TIMEOUT)
-    result = model.broadcast(RELEASE)
+def test_skipped_dead_backends_are_not_sent_and_timeouts_fail_the_broadcast() -> None:
+    collector = BroadcastCollector(RELEASE, ["live", "dead", "slow"], ack_timeout_s=0.25)
+    collector.record(BackendAcked("live"))
+    collector.record(BackendSkippedDead("dead"))
+    result = collector.result()
     assert result.acks == (BackendAcked("live"),)
     assert result.skipped_dead == (BackendSkippedDead("dead"),)
     assert result.timeouts == (BackendTimedOut("slow", 0.25),)
     assert result.sent_count == 2
     assert not result.all_live_backends_acked
-    assert model.received("dead") == ()
-    assert model.received("slow") == (RELEASE,)
 
 
-def test_broadcast_keeps_broadcasting_after_backend_failure() -> None:
-    model = InMemoryBroadcastModel()
-    model.register("first", BroadcastFailure.REJECTED)
-    model.register("second", BroadcastFailure.UNSUPPORTED_OPERATION)
-    model.register("third")
-    result = model.broadcast(RELEASE)
+def test_dead_backends_alone_count_as_all_acked() -> None:
+    collector = BroadcastCollector(RELEASE, ["dead"])
+    collector.record(BackendSkippedDead("dead"))
+    result = collector.result()
+    assert result.sent_count == 0
+    assert result.all_live_backends_acked
+
+
+def test_failures_are_reported_and_do_not_stop_the_others() -> None:
+    collector = BroadcastCollector(RELEASE, ["first", "second", "third"])
+    rejected = BroadcastFailure.REJECTED
+    collector.record(BackendFailed("first", rejected, rejected.default_detail))
+    collector.record(BackendFailed("second", BroadcastFailure.UNSUPPORTED_OPERATION))
+    collector.record(BackendAcked("third"))
+    result = collector.result()
     assert [f.backend for f in result.failures] == ["first", "second"]
     assert result.failures[0].failure is BroadcastFailure.REJECTED
-    assert result.failures[0].detail == BroadcastFailure.REJECTED.default_detail
+    assert result.failures[0].detail == "backend rejected the lifecycle operation"
+    assert result.failures[1].detail == ""
     assert result.acks == (BackendAcked("third"),)
     assert result.sent_count == 3
+    assert not result.all_live_backends_acked
 
 
-def test_broadcast_quiesce_uses_same_lifecycle_fanout_model() -> None:
-    model = InMemoryBroadcastModel()
-    model.register("a")
-    model.register("b", BroadcastFailure.BACKEND_ERROR)
-    result = model.quiesce(QuiesceReason.MAINTENANCE)
-    assert result.operation == Quiesce(QuiesceReason.MAINTENANCE)
+def test_failure_default_details() -> None:
+    assert {f.value: f.default_detail for f in BroadcastFailure} == {
+        "unsupported_operation": "backend does not support this lifecycle operation",
+        "rejected": "backend rejected the lifecycle operation",
+        "backend_error": "backend failed while handling the lifecycle operation",
+    }
+
+
+def test_quiesce_result_carries_its_operation() -> None:
+    operation = Quiesce(QuiesceReason.MAINTENANCE)
+    collector = BroadcastCollector(operation, ["a", "b"])
+    collector.record(BackendAcked("a"))
+    collector.record(BackendFailed("b", BroadcastFailure.BACKEND_ERROR))
+    result = collector.result()
+    assert result.operation == operation
     assert result.sent_count == 2
-    assert model.received("a") == (Quiesce(QuiesceReason.MAINTENANCE),)
 
 
-def test_registering_same_backend_replaces_in_place() -> None:
-    model = InMemoryBroadcastModel()
-    model.register("a")
-    model.register("b")
-    model.broadcast(RELEASE)
-    assert model.register("a", alive=False) is True
-    assert model.register("c") is False
-    assert model.backends() == ["a", "b", "c"]
-    assert model.received("a") == ()
-    result = model.broadcast(RELEASE)
-    assert result.skipped_dead == (BackendSkippedDead("a"),)
-
-
-def test_set_alive_set_response_and_remove() -> None:
-    model = InMemoryBroadcastModel()
-    model.register("a")
-    model.set_alive("a", False)
-    assert not model.is_alive("a")
-    assert model.broadcast(RELEASE).skipped_dead == (BackendSkippedDead("a"),)
-    model.set_alive("a", True)
-    model.set_response("a", ScriptedResponse.TIMEOUT)
-    assert len(model.broadcast(RELEASE).timeouts) == 1
-    assert model.remove("a") is True
-    assert model.remove("a") is False
-    empty = model.broadcast(RELEASE)
-    assert empty.sent_count == 0
-    assert empty.all_live_backends_acked
-    with pytest.raises(KeyError):
-        model.set_alive("a", True)
+def test_empty_broadcast() -> None:
+    result = BroadcastCollector(RELEASE, []).result()
+    assert result == BroadcastResult(RELEASE)
+    assert result.sent_count == 0
+    assert result.all_live_backends_acked
 
 
 def test_result_lists_follow_registration_order() -> None:
-    model = InMemoryBroadcastModel()
     names = [f"b{i}" for i in range(10)]
-    for i, name in enumerate(names):
-        model.register(name, ScriptedResponse.ACK if i % 2 else ScriptedResponse.TIMEOUT)
-    result = model.broadcast(RELEASE)
+    collector = BroadcastCollector(RELEASE, names)
+    for name in names[1::2]:
+        collector.record(BackendAcked(name))
+    result = collector.result()
     assert [a.backend for a in result.acks] == names[1::2]
     assert [t.backend for t in result.timeouts] == names[0::2]
 
 
 def test_collector_counts_missing_backends_as_timed_out() -> None:
-    collector = BroadcastCollector(RELEASE, ["a", "b", "c", "d"], BroadcastPolicy(2.0))
+    collector = BroadcastCollector(RELEASE, ["a", "b", "c", "d"], ack_timeout_s=2.0)
     assert collector.record(BackendFailed("c", BroadcastFailure.BACKEND_ERROR, "boom"))
     assert collector.record(BackendAcked("a"))
-    assert collector.pending() == ["b", "d"]
-    assert not collector.is_complete
     result = collector.result()
     assert result == BroadcastResult(
         RELEASE,
@@ -155,13 +155,19 @@ def test_collector_first_outcome_wins_and_unknown_backend_raises() -> None:
     assert collector.record(BackendTimedOut("a", 5.0))
     assert collector.record(BackendAcked("a")) is False  # late ack ignored
     assert collector.record(BackendSkippedDead("b"))
-    assert collector.is_complete
     result = collector.result()
     assert result.timeouts == (BackendTimedOut("a", 5.0),)
     assert result.skipped_dead == (BackendSkippedDead("b"),)
     assert result.acks == ()
     with pytest.raises(KeyError):
         collector.record(BackendAcked("zzz"))
+
+
+def test_collector_result_can_be_taken_before_and_after_more_outcomes() -> None:
+    collector = BroadcastCollector(RELEASE, ["a"])
+    assert collector.result().timeouts == (BackendTimedOut("a", 5.0),)
+    collector.record(BackendAcked("a"))
+    assert collector.result().acks == (BackendAcked("a"),)
 
 
 def test_collector_preserves_insertion_order_whatever_the_arrival_order() -> None:
@@ -174,16 +180,20 @@ def test_collector_preserves_insertion_order_whatever_the_arrival_order() -> Non
 
 def test_collector_ignores_duplicate_targets() -> None:
     collector = BroadcastCollector(RELEASE, ["a", "a", "b"])
-    assert collector.pending() == ["a", "b"]
+    result = collector.result()
+    assert result.timeouts == (BackendTimedOut("a", 5.0), BackendTimedOut("b", 5.0))
 
 
 def test_result_to_json_is_json_ready() -> None:
-    model = InMemoryBroadcastModel(BroadcastPolicy(0.25))
-    model.register(Key("zccache", "1.0.0"))
-    model.register("slow", ScriptedResponse.TIMEOUT)
-    model.register(7, BroadcastFailure.REJECTED)
-    model.register(("dead", 1), alive=False)
-    data = model.quiesce(QuiesceReason.IDLE_TIMEOUT).to_json()
+    key = Key("zccache", "1.0.0")
+    collector = BroadcastCollector(
+        Quiesce(QuiesceReason.IDLE_TIMEOUT), [key, "slow", 7, ("dead", 1)], ack_timeout_s=0.25
+    )
+    collector.record(BackendAcked(key))
+    rejected = BroadcastFailure.REJECTED
+    collector.record(BackendFailed(7, rejected, rejected.default_detail))
+    collector.record(BackendSkippedDead(("dead", 1)))
+    data = collector.result().to_json()
     assert json.loads(json.dumps(data)) == data
     assert data == {
         "operation": {"op": "quiesce", "reason": "idle_timeout"},
@@ -204,5 +214,15 @@ def test_result_to_json_is_json_ready() -> None:
 
 def test_operation_json() -> None:
     assert RELEASE.to_json() == {"op": "release_handles", "path_prefix": "/work/cache"}
-    assert backend_json(True) == "True"
-    assert backend_json(1.5) == 1.5
+    assert Quiesce(QuiesceReason.BROKER_SHUTDOWN).to_json() == {
+        "op": "quiesce",
+        "reason": "broker_shutdown",
+    }
+    assert [r.value for r in QuiesceReason] == ["idle_timeout", "broker_shutdown", "maintenance"]
+
+
+def test_backend_json_shows_bools_as_text_and_numbers_as_themselves() -> None:
+    collector = BroadcastCollector(RELEASE, [True, 1.5])
+    collector.record(BackendAcked(True))
+    collector.record(BackendAcked(1.5))
+    assert collector.result().to_json()["acks"] == ["True", 1.5]

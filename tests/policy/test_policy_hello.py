@@ -8,7 +8,10 @@ import attrs
 import pytest
 
 from rpbroker.policy.hello import (
+    DEFAULT_HELLO_RATE_LIMIT,
+    DEFAULT_HELLO_RATE_WINDOW_S,
     DEFAULT_KEEPALIVE_SECS,
+    REASON_RATE_LIMITED,
     HelloRateLimiter,
     Refusal,
     VersionPolicy,
@@ -294,10 +297,12 @@ def test_hello_rate_limit_refuses_after_peer_budget() -> None:
 
 
 def test_hello_rate_limit_default_is_256_per_second() -> None:
+    assert (DEFAULT_HELLO_RATE_LIMIT, DEFAULT_HELLO_RATE_WINDOW_S) == (256, 1.0)
     limiter = HelloRateLimiter()
-    assert (limiter.max_per_window, limiter.window_s) == (256, 1.0)
     assert all(limiter.check(5, 0.0) is None for _ in range(256))
-    assert limiter.check(5, 0.0) is not None
+    assert limiter.check(5, 0.0) == Refusal(RefusalCode.RATE_LIMITED, REASON_RATE_LIMITED, 1000)
+    assert limiter.check(5, 0.999) is not None
+    assert limiter.check(5, 1.0) is None  # a one-second window
 
 
 def test_hello_rate_limit_is_per_peer_pid() -> None:
@@ -340,7 +345,11 @@ def test_refused_hellos_do_not_extend_the_window() -> None:
 
 def test_rate_limit_zero_configuration_clamps() -> None:
     limiter = HelloRateLimiter(max_per_window=0, window_s=0.0)
-    assert (limiter.max_per_window, limiter.window_s) == (1, 0.001)
+    assert limiter.check(9, 0.0) is None
+    refusal = limiter.check(9, 0.0005)  # one per window
+    assert refusal is not None
+    assert refusal.retry_after_ms == 1
+    assert limiter.check(9, 0.001) is None  # a 1 ms window
 
 
 def test_rate_limiter_memory_is_bounded_by_recent_pids() -> None:

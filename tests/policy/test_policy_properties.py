@@ -1,11 +1,13 @@
 """Property-based tests of the policy core (hypothesis).
 
 - an ACK-registry entry leaves exactly once, whatever the operation sequence
-  (model-based state machine);
-- a token is ACCEPTED at most once, whatever the operation sequence;
+  (model-based state machine), and revokes its token when it does;
+- the token store agrees with a model (held tokens, expiry at issue, capacity);
 - the service-name and semver validators accept exactly their languages;
-- the idle tracker's lazy heap agrees with a brute-force model;
-- the rate limiter, fallback state and spawn budget agree with simple models.
+- the idle tracker's lazy heap agrees with a brute-force model (a backend is
+  handed out once, and stops being tracked then);
+- the rate limiter, fallback state (attempts in flight included), spawn budget,
+  spawn limiter and broadcast collector agree with simple models.
 """
 
 from __future__ import annotations
@@ -36,17 +38,26 @@ from rpbroker.policy.broadcast import (
     BroadcastOutcome,
     ReleaseHandles,
 )
-from rpbroker.policy.fallback import Fallback, FallbackPolicy, FallbackState, HandoffInputs
+from rpbroker.policy.fallback import (
+    Attempt,
+    AttemptResult,
+    Fallback,
+    FallbackPolicy,
+    FallbackReason,
+    FallbackState,
+    HandoffInputs,
+)
 from rpbroker.policy.hello import HelloRateLimiter, is_valid_semver, is_valid_service_name
-from rpbroker.policy.idle import BackendLifecycle, IdleTracker
+from rpbroker.policy.idle import IdleTracker
 from rpbroker.policy.spawn_budget import (
     SPAWN_IN_PROGRESS,
     BudgetExhausted,
     SpawnBudget,
+    SpawnLimiter,
     SpawnOutcome,
     SpawnPermit,
 )
-from rpbroker.policy.tokens import HandoffToken, TokenStore, TokenVerdict
+from rpbroker.policy.tokens import HandoffToken, TokenStore, TokenStoreFull
 
 # Times are whole milliseconds expressed in seconds, so arithmetic stays exact enough
 # for model comparisons (the model uses the same float operations).
@@ -59,6 +70,8 @@ step_s = st.integers(min_value=0, max_value=3_000).map(lambda ms: ms / 1000)
 @dataclass
 class Registration:
     token: HandoffToken
+    backend: BackendRef
+    registered_at: float
     deadline_at: float
     exits: int = 0
 
@@ -75,7 +88,9 @@ class AckRegistryMachine(RuleBasedStateMachine):
         self.registry = AckRegistry(self.store, deadline_s=1.0)
         self.live: dict[HandoffToken, Registration] = {}
         self.all: list[Registration] = []
+        self.issued: set[HandoffToken] = set()
         self.revoked: set[HandoffToken] = set()
+        self.pid = 0
 
     def _exit(self, token: HandoffToken, revokes: bool = True) -> None:
         registration = self.live.pop(token)
@@ -83,13 +98,26 @@ class AckRegistryMachine(RuleBasedStateMachine):
         if revokes:
             self.revoked.add(token)
 
-    @rule(target=tokens, deadline=st.none() | st.sampled_from([0.0, 0.5, 1.0, 2.5]))
-    def issue_and_register(self, deadline: float | None) -> HandoffToken:
-        token = self.store.issue(self.now)
-        deadline_at = self.registry.register(token, BackendRef("svc", 1), self.now, deadline)
-        registration = Registration(token, deadline_at)
+    def _register(self, token: HandoffToken) -> None:
+        self.pid += 1
+        backend = BackendRef("svc", self.pid)
+        deadline_at = self.registry.register(token, backend, self.now)
+        assert deadline_at == self.now + 1.0
+        registration = Registration(token, backend, self.now, deadline_at)
         self.live[token] = registration
         self.all.append(registration)
+
+    @rule(target=tokens)
+    def issue_and_register(self) -> HandoffToken:
+        token = self.store.issue(self.now)
+        self.issued.add(token)
+        self._register(token)
+        return token
+
+    @rule(target=tokens)
+    def issue_only(self) -> HandoffToken:
+        token = self.store.issue(self.now)
+        self.issued.add(token)
         return token
 
     @rule(token=tokens)
@@ -97,10 +125,7 @@ class AckRegistryMachine(RuleBasedStateMachine):
         if token in self.live:
             # The replaced registration is superseded; count that as its exit.
             self._exit(token, revokes=False)
-        deadline_at = self.registry.register(token, BackendRef("svc", 2), self.now)
-        registration = Registration(token, deadline_at)
-        self.live[token] = registration
-        self.all.append(registration)
+        self._register(token)
 
     @rule(token=tokens)
     def acknowledge(self, token: HandoffToken) -> None:
@@ -110,10 +135,11 @@ class AckRegistryMachine(RuleBasedStateMachine):
             assert outcome == AckRejected(AckRejection.NOT_PENDING)
             return
         if self.now >= registration.deadline_at:
-            assert isinstance(outcome, AckRejected)
-            assert outcome.reason is AckRejection.DEADLINE_EXCEEDED
+            assert outcome == AckRejected(AckRejection.DEADLINE_EXCEEDED, registration.backend, 1.0)
         else:
-            assert isinstance(outcome, AckCompleted)
+            assert outcome == AckCompleted(
+                token, registration.backend, self.now - registration.registered_at
+            )
         self._exit(token)
 
     @rule(token=tokens)
@@ -124,17 +150,6 @@ class AckRegistryMachine(RuleBasedStateMachine):
             self._exit(token)
         self.revoked.add(token)
 
-    @rule()
-    def expire(self) -> None:
-        expired = self.registry.expire_overdue(self.now)
-        expected = {t for t, r in self.live.items() if r.deadline_at <= self.now}
-        assert {e.token for e in expired} == expected
-        assert len(expired) == len(expected)
-        deadlines = [self.live[e.token].deadline_at for e in expired]
-        assert deadlines == sorted(deadlines)
-        for e in expired:
-            self._exit(e.token)
-
     @rule(delta=step_s)
     def advance(self, delta: float) -> None:
         self.now += delta
@@ -142,23 +157,17 @@ class AckRegistryMachine(RuleBasedStateMachine):
     @invariant()
     def registry_matches_model(self) -> None:
         assert len(self.registry) == len(self.live)
-        for token, registration in self.live.items():
-            assert token in self.registry
-            assert self.registry.deadline_of(token) == registration.deadline_at
-            # Registration does not touch the store: a token is pending until revoked.
-            assert self.store.is_pending(token, self.now) == (token not in self.revoked)
-        for token in self.revoked:
-            assert not self.store.is_pending(token, self.now)
-        expected_next = min((r.deadline_at for r in self.live.values()), default=None)
-        assert self.registry.next_deadline() == expected_next
+        # Registration does not touch the store; every exit (and abandon) revokes.
+        assert len(self.store) == len(self.issued - self.revoked)
 
     @invariant()
     def exits_at_most_once(self) -> None:
         assert all(r.exits <= 1 for r in self.all)
 
     def teardown(self) -> None:
-        for e in self.registry.expire_overdue(float("inf")):
-            self._exit(e.token)
+        for token in list(self.live):
+            assert self.registry.abandon(token)
+            self._exit(token)
         assert len(self.registry) == 0
         assert all(r.exits == 1 for r in self.all)
 
@@ -169,11 +178,11 @@ AckRegistryMachine.TestCase.settings = settings(
 TestAckRegistryExactlyOnce = AckRegistryMachine.TestCase
 
 
-# -- tokens: ACCEPTED at most once ---------------------------------------------------------
+# -- tokens: the store agrees with a model -------------------------------------------------
 
 
 class TokenStoreMachine(RuleBasedStateMachine):
-    """Whatever happens, each issued token is ACCEPTED at most once."""
+    """Held tokens, expiry at issue time and capacity, exactly as in a model."""
 
     tokens = Bundle("tokens")
 
@@ -181,16 +190,14 @@ class TokenStoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.now = 0.0
         self.store = TokenStore(max_pending=8, ttl_s=2.0)
-        self.accepted: dict[HandoffToken, int] = {}
-        # Model: token -> expires_at, for tokens not consumed or revoked.
+        # Model: token -> expires_at, for tokens held (expired ones until pruned).
         self.model: dict[HandoffToken, float] = {}
+        self.ever_issued: set[HandoffToken] = set()
 
-    def _note(self, token: HandoffToken, verdict: TokenVerdict) -> None:
-        if verdict is TokenVerdict.ACCEPTED:
-            self.accepted[token] = self.accepted.get(token, 0) + 1
-
-    def _prune(self, keep: HandoffToken | None = None) -> None:
-        self.model = {t: e for t, e in self.model.items() if self.now < e or t == keep}
+    def _prune(self) -> None:
+        # Issuing prunes what expired (a token expires at issued + ttl), then
+        # checks capacity.
+        self.model = {t: e for t, e in self.model.items() if self.now < e}
 
     def _live_count(self) -> int:
         return sum(1 for e in self.model.values() if self.now < e)
@@ -200,46 +207,22 @@ class TokenStoreMachine(RuleBasedStateMachine):
     def issue(self) -> HandoffToken:
         token = self.store.issue(self.now)
         self._prune()
+        assert token not in self.model
+        assert token not in self.ever_issued  # 128 random bits never repeat here
+        self.ever_issued.add(token)
         self.model[token] = self.now + 2.0
         return token
 
-    @rule(expected=tokens, presented=tokens)
-    def consume_matching(self, expected: HandoffToken, presented: HandoffToken) -> None:
-        verdict = self.store.consume_matching(expected, presented, self.now)
-        self._note(expected, verdict)
-        self._prune(keep=expected)
-        expires = self.model.get(expected)
-        if expires is None:
-            assert verdict is TokenVerdict.NOT_PENDING
-        elif self.now >= expires:
-            assert verdict is TokenVerdict.EXPIRED
-            del self.model[expected]
-        elif presented != expected:
-            assert verdict is TokenVerdict.MISMATCH
+    @precondition(lambda self: self._live_count() >= 8)
+    @rule()
+    def issue_when_full(self) -> None:
+        try:
+            self.store.issue(self.now)
+        except TokenStoreFull as exc:
+            assert exc.max_pending == 8
         else:
-            assert verdict is TokenVerdict.ACCEPTED
-            del self.model[expected]
-
-    @rule(expected=tokens, garbage=st.binary(max_size=40).filter(lambda b: len(b) != 16))
-    def consume_malformed(self, expected: HandoffToken, garbage: bytes) -> None:
-        verdict = self.store.consume_matching(expected, garbage, self.now)
-        assert verdict in (TokenVerdict.MISSING, TokenVerdict.BAD_LENGTH)
-        assert self.store.is_pending(expected, self.now) == (
-            expected in self.model and self.now < self.model[expected]
-        )
-
-    @rule(token=tokens, as_bytes=st.booleans())
-    def consume_backend(self, token: HandoffToken, as_bytes: bool) -> None:
-        verdict = self.store.consume(token.raw if as_bytes else token, self.now)
-        self._note(token, verdict)
-        expires = self.model.pop(token, None)
+            raise AssertionError("a token was issued past capacity")
         self._prune()
-        if expires is None:
-            assert verdict is TokenVerdict.NOT_PENDING
-        elif self.now >= expires:
-            assert verdict is TokenVerdict.EXPIRED
-        else:
-            assert verdict is TokenVerdict.ACCEPTED
 
     @rule(token=consumes(tokens))
     def revoke(self, token: HandoffToken) -> None:
@@ -251,91 +234,15 @@ class TokenStoreMachine(RuleBasedStateMachine):
     def advance(self, delta: float) -> None:
         self.now += delta
 
-    @rule()
-    def prune(self) -> None:
-        before = len(self.model)
-        self._prune()
-        assert self.store.prune_expired(self.now) == before - len(self.model)
-
     @invariant()
     def store_matches_model(self) -> None:
-        assert self.store.pending_count == len(self.model)
-        for token, expires in self.model.items():
-            assert self.store.expires_at(token) == expires
-
-    @invariant()
-    def at_most_once(self) -> None:
-        assert all(count <= 1 for count in self.accepted.values())
+        assert len(self.store) == len(self.model)
 
 
 TokenStoreMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
-TestTokenAcceptedAtMostOnce = TokenStoreMachine.TestCase
-
-
-@dataclass
-class TokenOp:
-    kind: str
-    a: int = 0
-    b: int = 0
-    delta: float = 0.0
-
-
-token_ops = st.lists(
-    st.one_of(
-        st.builds(TokenOp, kind=st.just("issue")),
-        st.builds(TokenOp, kind=st.just("match"), a=st.integers(0, 9), b=st.integers(0, 9)),
-        st.builds(TokenOp, kind=st.just("consume"), a=st.integers(0, 9)),
-        st.builds(TokenOp, kind=st.just("revoke"), a=st.integers(0, 9)),
-        st.builds(TokenOp, kind=st.just("insert"), a=st.integers(0, 9)),
-        st.builds(TokenOp, kind=st.just("advance"), delta=step_s),
-    ),
-    max_size=60,
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(ops=token_ops)
-def test_token_accepted_at_most_once_between_inserts(ops: list[TokenOp]) -> None:
-    """A generated op list, re-seeding included: between two holds of a token,
-    it is ACCEPTED at most once."""
-    store = TokenStore(max_pending=4, ttl_s=1.0)
-    issued: list[HandoffToken] = []
-    accepts_since_hold: dict[HandoffToken, int] = {}
-    now = 0.0
-    for op in ops:
-        if op.kind == "advance":
-            now += op.delta
-            continue
-        if op.kind == "issue":
-            try:
-                token = store.issue(now)
-            except Exception:
-                continue
-            issued.append(token)
-            accepts_since_hold[token] = 0
-            continue
-        if not issued:
-            continue
-        first = issued[op.a % len(issued)]
-        if op.kind == "insert":
-            try:
-                store.insert(first, now)
-            except Exception:
-                continue
-            accepts_since_hold[first] = 0
-        elif op.kind == "revoke":
-            store.revoke(first)
-        elif op.kind == "consume":
-            if store.consume(first, now) is TokenVerdict.ACCEPTED:
-                accepts_since_hold[first] += 1
-        else:
-            second = issued[op.b % len(issued)]
-            if store.consume_matching(first, second, now) is TokenVerdict.ACCEPTED:
-                assert first == second
-                accepts_since_hold[first] += 1
-        assert all(n <= 1 for n in accepts_since_hold.values())
+TestTokenStoreMatchesModel = TokenStoreMachine.TestCase
 
 
 # -- validators accept exactly their languages ---------------------------------------------
@@ -403,14 +310,13 @@ def test_trailing_newline_never_accepted(s: str) -> None:
 class IdleModelEntry:
     last: float
     timeout: float
-    state: BackendLifecycle
 
 
 idle_ops = st.lists(
     st.tuples(
-        st.sampled_from(["activity", "activity_t", "drain", "quiesce", "remove", "collect"]),
+        st.sampled_from(["activity", "activity_t", "remove", "collect"]),
         st.integers(0, 4),
-        st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+        st.sampled_from([0.5, 1.0, 2.0, 3.0, 30.0]),
         step_s,
     ),
     max_size=60,
@@ -420,51 +326,37 @@ idle_ops = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(ops=idle_ops)
 def test_idle_tracker_matches_model(ops: list[tuple[str, int, float, float]]) -> None:
-    tracker = IdleTracker(default_timeout_s=1.5)
+    tracker = IdleTracker[int]()
     model: dict[int, IdleModelEntry] = {}
     now = 0.0
     for kind, key, timeout, delta in ops:
         now += delta
         if kind == "activity":
+            # No timeout given: the default (30 s), whatever the backend had before.
             tracker.mark_activity(key, now)
-            previous = model.get(key)
-            model[key] = IdleModelEntry(
-                now, previous.timeout if previous else 1.5, BackendLifecycle.RUNNING
-            )
+            model[key] = IdleModelEntry(now, 30.0)
         elif kind == "activity_t":
             tracker.mark_activity(key, now, timeout_s=timeout)
-            model[key] = IdleModelEntry(now, timeout, BackendLifecycle.RUNNING)
-        elif kind in ("drain", "quiesce"):
-            state = BackendLifecycle.DRAINING if kind == "drain" else BackendLifecycle.QUIESCED
-            changed = tracker.mark_draining(key) if kind == "drain" else tracker.mark_quiesced(key)
-            assert changed == (key in model)
-            if key in model:
-                model[key].state = state
+            model[key] = IdleModelEntry(now, timeout)
         elif kind == "remove":
             assert tracker.remove(key) == (model.pop(key, None) is not None)
         else:
             due = tracker.collect_due(now)
-            expected = {
-                k
-                for k, e in model.items()
-                if e.state is BackendLifecycle.RUNNING and e.last + e.timeout <= now
-            }
+            expected = {k for k, e in model.items() if e.last + e.timeout <= now}
             assert len(due) == len(expected)
             assert {d.key for d in due} == expected
-            by_key: dict[Hashable, IdleModelEntry] = {k: e for k, e in model.items()}
             for d in due:
-                assert d.idle_for_s == now - by_key[d.key].last
-                assert d.timeout_s == by_key[d.key].timeout
-            due_times = [by_key[d.key].last + by_key[d.key].timeout for d in due]
+                assert d.idle_for_s == now - model[d.key].last
+                assert d.timeout_s == model[d.key].timeout
+            due_times = [model[d.key].last + model[d.key].timeout for d in due]
             assert due_times == sorted(due_times)
+            # Handed out once: it is no longer tracked.
             for k in expected:
-                model[k].state = BackendLifecycle.DRAINING
-        running = [
-            e.last + e.timeout for e in model.values() if e.state is BackendLifecycle.RUNNING
-        ]
-        assert tracker.next_due_at() == (min(running) if running else None)
-        for k, e in model.items():
-            assert tracker.state(k) is e.state
+                del model[k]
+        due_at = [e.last + e.timeout for e in model.values()]
+        assert tracker.next_due_at() == (min(due_at) if due_at else None)
+        for k in range(5):
+            assert (k in tracker) == (k in model)
         assert len(tracker) == len(model)
 
 
@@ -499,32 +391,102 @@ def test_rate_limiter_matches_model(events: list[tuple[int, float]], limit: int)
             assert 1 <= refusal.retry_after_ms <= 1000
 
 
-# -- fallback state: retry-after bounded, counts capped --------------------------------------
+# -- fallback state agrees with a model, and the budget is never overrun -------------------
+
+ENABLED = HandoffInputs(client_opted_in=True, service_allows=True, fd_pressure=False)
+FALLBACK_WINDOW_S = 2.0
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    events=st.lists(st.tuples(st.booleans(), st.integers(0, 2), step_s), max_size=60),
-    max_failed=st.integers(1, 4),
+@dataclass
+class FallbackModelEntry:
+    window_started_at: float | None = None
+    failures: int = 0
+    in_flight: int = 0
+    #: Attempts started (permitted) while the current failure window was open,
+    #: and attempts abandoned in it: the budget rule bounds their difference.
+    started_in_window: int = 0
+    abandoned_in_window: int = 0
+
+    def roll(self, now: float) -> None:
+        if self.window_started_at is not None and now - self.window_started_at >= 2.0:
+            self.reset()
+
+    def reset(self) -> None:
+        self.window_started_at = None
+        self.failures = 0
+        self.started_in_window = 0
+        self.abandoned_in_window = 0
+
+
+fallback_events = st.lists(
+    st.tuples(
+        st.sampled_from(["start", "start", "succeed", "fail", "fail", "abandon"]),
+        st.integers(0, 2),
+        step_s,
+    ),
+    max_size=80,
 )
-def test_fallback_counts_capped_and_retry_after_within_window(
-    events: list[tuple[bool, int, float]], max_failed: int
+
+
+@settings(max_examples=400, deadline=None)
+@given(events=fallback_events, max_failed=st.integers(1, 4))
+def test_fallback_state_matches_model(
+    events: list[tuple[str, int, float]], max_failed: int
 ) -> None:
-    state = FallbackState(FallbackPolicy(max_failed, 2.0))
+    """``should_attempt`` agrees with the documented rule exactly.
+
+    Attempts start only when permitted (as the shell does); results arrive for
+    attempts in flight. Once a backend has a failure in its window, attempts in
+    flight count as potential failures; ABANDONED counts neither way.
+    """
+    state = FallbackState[int](FallbackPolicy(max_failed, FALLBACK_WINDOW_S))
+    model = {key: FallbackModelEntry() for key in range(3)}
     now = 0.0
-    for fail, key, delta in events:
+    for kind, key, delta in events:
         now += delta
-        if fail:
-            assert 1 <= state.record_failure(key, now) <= max_failed
-        decision = state.should_attempt(key, HandoffInputs.enabled(), now)
-        count = state.failed_count(key, now)
-        assert 0 <= count <= max_failed
-        if isinstance(decision, Fallback):
-            assert count == max_failed
-            assert decision.retry_after_s is not None
-            assert 0.0 < decision.retry_after_s <= 2.0
-        else:
-            assert count < max_failed
+        entry = model[key]
+        if kind == "start":
+            entry.roll(now)
+            decision = state.should_attempt(key, ENABLED, now)
+            if entry.window_started_at is None or entry.failures + entry.in_flight < max_failed:
+                assert decision == Attempt()
+                state.attempt_started(key)
+                entry.in_flight += 1
+                if entry.window_started_at is not None:
+                    entry.started_in_window += 1
+            else:
+                elapsed = max(0.0, now - entry.window_started_at)
+                assert decision == Fallback(
+                    FallbackReason.FAILED_ATTEMPT_RATE_LIMITED,
+                    retry_after_s=max(0.0, FALLBACK_WINDOW_S - elapsed),
+                )
+                assert isinstance(decision, Fallback) and decision.retry_after_s is not None
+                assert 0.0 < decision.retry_after_s <= FALLBACK_WINDOW_S
+            continue
+        if entry.in_flight == 0:
+            continue  # results only for attempts in flight
+        result = {
+            "succeed": AttemptResult.SUCCEEDED,
+            "fail": AttemptResult.FAILED,
+            "abandon": AttemptResult.ABANDONED,
+        }[kind]
+        state.attempt_ended(key, result, now)
+        entry.roll(now)
+        entry.in_flight -= 1
+        if result is AttemptResult.FAILED:
+            if entry.window_started_at is None:
+                entry.window_started_at = now
+            entry.failures = min(entry.failures + 1, max_failed)
+        elif result is AttemptResult.SUCCEEDED:
+            entry.reset()
+        elif entry.window_started_at is not None:
+            entry.abandoned_in_window += 1
+        # The budget is never overrun: after the first failure of a window at most
+        # max_failed - 1 more attempts may start and fail (plus one per abandoned).
+        assert entry.started_in_window <= max_failed - 1 + entry.abandoned_in_window
+        # Tracked: everything with an attempt in flight (run-out windows may linger).
+        tracked_at_least = sum(1 for e in model.values() if e.in_flight)
+        assert tracked_at_least <= len(state) <= 3
 
 
 # -- spawn budget: never more than max permits per window, one in flight ----------------------
@@ -539,7 +501,7 @@ def test_fallback_counts_capped_and_retry_after_within_window(
     max_attempts=st.integers(1, 3),
 )
 def test_spawn_budget_bounds(events: list[tuple[str, int, float]], max_attempts: int) -> None:
-    budget = SpawnBudget(max_attempts, 5.0)
+    budget = SpawnBudget[int](max_attempts, 5.0)
     now = 0.0
     for kind, key, delta in events:
         now += delta
@@ -559,6 +521,86 @@ def test_spawn_budget_bounds(events: list[tuple[str, int, float]], max_attempts:
         assert 0 <= snap.attempts_used <= max_attempts
         assert snap.remaining == max_attempts - snap.attempts_used
         assert (snap.retry_after_s is not None) == (snap.remaining == 0)
+
+
+# -- spawn limiter: per-key and per-service bounds, refusals spend nothing -----------------
+
+
+@dataclass
+class WindowModel:
+    started_at: float
+    used: int = 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["begin", "begin", "ok", "fail"]),
+            st.integers(0, 3),
+            step_s,
+        ),
+        max_size=80,
+    ),
+    max_attempts=st.integers(1, 3),
+    max_service=st.integers(1, 5),
+)
+def test_spawn_limiter_matches_model(
+    events: list[tuple[str, int, float]], max_attempts: int, max_service: int
+) -> None:
+    """Keys 0-1 belong to service "a", keys 2-3 to "b"; every spawn is within both budgets."""
+    window_s = 5.0
+    limiter = SpawnLimiter[int, str](max_attempts, window_s, max_service)
+    keys: dict[Hashable, WindowModel] = {}
+    services: dict[Hashable, WindowModel] = {}
+    in_flight: set[int] = set()
+    now = 0.0
+
+    def current(windows: dict[Hashable, WindowModel], name: Hashable) -> WindowModel | None:
+        window = windows.get(name)
+        if window is None or now - window.started_at >= window_s:
+            return None
+        return window
+
+    for kind, key, delta in events:
+        now += delta
+        service = "a" if key < 2 else "b"
+        if kind == "begin":
+            decision = limiter.try_begin(key, service, now)
+            cap = current(services, service)
+            own = current(keys, key)
+            if cap is not None and cap.used >= max_service:
+                assert isinstance(decision, BudgetExhausted)
+            elif key in in_flight and own is not None:
+                assert decision is SPAWN_IN_PROGRESS
+            elif own is not None and own.used >= max_attempts:
+                assert isinstance(decision, BudgetExhausted)
+            else:
+                assert isinstance(decision, SpawnPermit)
+                if own is None:
+                    own = keys[key] = WindowModel(now)
+                if cap is None:
+                    cap = services[service] = WindowModel(now)
+                own.used += 1
+                cap.used += 1
+                in_flight.add(key)
+                assert own.used <= max_attempts
+                assert cap.used <= max_service
+            continue
+        if key not in in_flight:
+            continue  # results only for spawns in flight
+        outcome = SpawnOutcome.SUCCEEDED if kind == "ok" else SpawnOutcome.FAILED
+        limiter.finish(key, service, outcome, now)
+        in_flight.discard(key)
+        if current(keys, key) is None:
+            keys[key] = WindowModel(now)  # finishing after the window ran out rolls it over
+        if outcome is SpawnOutcome.SUCCEEDED:
+            keys[key] = WindowModel(now)
+            if service in services:
+                services[service] = WindowModel(now)
+        snapshot = limiter.keys.snapshot(key, now)
+        own = current(keys, key)
+        assert snapshot.attempts_used == (0 if own is None else own.used)
 
 
 # -- broadcast collector: every target accounted for exactly once ----------------------------

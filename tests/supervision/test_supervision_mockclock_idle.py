@@ -143,7 +143,7 @@ async def test_idle_quiesce_can_be_disabled(
             assert fake.alive
 
 
-async def test_backend_ignoring_the_idle_quiesce_is_killed_after_the_drain_timeout(
+async def test_backend_ignoring_the_idle_quiesce_is_terminated_after_the_drain_timeout(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     stubborn = FakeService(script=FakeBackendScript(exit_on_quiesce=False), idle_timeout_secs=10)
@@ -153,5 +153,6 @@ async def test_backend_ignoring_the_idle_quiesce_is_killed_after_the_drain_timeo
             running_at = trio.current_time()
             stopped = await tb.wait_event(EventKind.STOPPED)
             assert stopped.at == exactly(running_at + 10 + 3)
-            assert fake.process.returncode == -9
+            assert fake.process.returncode == -15
+            assert fake.process.signals == ["SIGTERM"]
             assert tb.events_of(EventKind.CRASHED) == []

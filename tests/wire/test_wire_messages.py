@@ -496,6 +496,7 @@ LIFECYCLE_FIELDS: dict[str, dict[int, tuple[str, str]]] = {
         2: ("release_handles", "ReleaseHandles"),
         3: ("quiesce", "Quiesce"),
         4: ("drain_deadline_ms", "uint64"),
+        5: ("ack_timeout_ms", "uint64"),
     },
     "ReleaseHandles": {1: ("path_prefix", "string")},
     "Quiesce": {1: ("reason", "QuiesceReason")},

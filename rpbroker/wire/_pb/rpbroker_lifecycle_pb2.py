@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rpbroker_lifecycle.proto\x12\x15rpbroker.lifecycle.v1\"\x92\x03\n\x10LifecycleMessage\x12\x34\n\x05ready\x18\x01 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BackendReadyH\x00\x12:\n\x08\x61\x63tivity\x18\x02 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BackendActivityH\x00\x12<\n\tbroadcast\x18\x03 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastCommandH\x00\x12<\n\rbroadcast_ack\x18\x04 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BroadcastAckH\x00\x12\x44\n\x11\x62roadcast_request\x18\x05 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastRequestH\x00\x12\x42\n\x10\x62roadcast_report\x18\x06 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BroadcastReportH\x00\x42\x06\n\x04\x62ody\"`\n\x0c\x42\x61\x63kendReady\x12\x14\n\x0c\x62\x61\x63kend_pipe\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x14\n\x0cservice_name\x18\x03 \x01(\t\x12\x17\n\x0fservice_version\x18\x04 \x01(\t\"J\n\x0f\x42\x61\x63kendActivity\x12\x18\n\x10open_connections\x18\x01 \x01(\r\x12\x1d\n\x15\x63ompleted_connections\x18\x02 \x01(\x04\"\xc5\x01\n\x10\x42roadcastCommand\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12@\n\x0frelease_handles\x18\x02 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x03 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x19\n\x11\x64rain_deadline_ms\x18\x04 \x01(\x04\x42\x0b\n\toperation\"%\n\x0eReleaseHandles\x12\x13\n\x0bpath_prefix\x18\x01 \x01(\t\"?\n\x07Quiesce\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.rpbroker.lifecycle.v1.QuiesceReason\"o\n\x0c\x42roadcastAck\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).rpbroker.lifecycle.v1.BroadcastAckStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xac\x01\n\x10\x42roadcastRequest\x12@\n\x0frelease_handles\x18\x01 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x02 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x03 \x01(\x04\x42\x0b\n\toperation\"\x1f\n\x0f\x42roadcastReport\x12\x0c\n\x04json\x18\x01 \x01(\t*\x94\x01\n\rQuiesceReason\x12\x1e\n\x1aQUIESCE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bQUIESCE_REASON_IDLE_TIMEOUT\x10\x01\x12\"\n\x1eQUIESCE_REASON_BROKER_SHUTDOWN\x10\x02\x12\x1e\n\x1aQUIESCE_REASON_MAINTENANCE\x10\x03*\xd5\x01\n\x12\x42roadcastAckStatus\x12$\n BROADCAST_ACK_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42ROADCAST_ACK_STATUS_ACKED\x10\x01\x12.\n*BROADCAST_ACK_STATUS_UNSUPPORTED_OPERATION\x10\x02\x12!\n\x1d\x42ROADCAST_ACK_STATUS_REJECTED\x10\x03\x12&\n\"BROADCAST_ACK_STATUS_BACKEND_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rpbroker_lifecycle.proto\x12\x15rpbroker.lifecycle.v1\"\x92\x03\n\x10LifecycleMessage\x12\x34\n\x05ready\x18\x01 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BackendReadyH\x00\x12:\n\x08\x61\x63tivity\x18\x02 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BackendActivityH\x00\x12<\n\tbroadcast\x18\x03 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastCommandH\x00\x12<\n\rbroadcast_ack\x18\x04 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BroadcastAckH\x00\x12\x44\n\x11\x62roadcast_request\x18\x05 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastRequestH\x00\x12\x42\n\x10\x62roadcast_report\x18\x06 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BroadcastReportH\x00\x42\x06\n\x04\x62ody\"`\n\x0c\x42\x61\x63kendReady\x12\x14\n\x0c\x62\x61\x63kend_pipe\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x14\n\x0cservice_name\x18\x03 \x01(\t\x12\x17\n\x0fservice_version\x18\x04 \x01(\t\"J\n\x0f\x42\x61\x63kendActivity\x12\x18\n\x10open_connections\x18\x01 \x01(\r\x12\x1d\n\x15\x63ompleted_connections\x18\x02 \x01(\x04\"\xdd\x01\n\x10\x42roadcastCommand\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12@\n\x0frelease_handles\x18\x02 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x03 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x19\n\x11\x64rain_deadline_ms\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x05 \x01(\x04\x42\x0b\n\toperation\"%\n\x0eReleaseHandles\x12\x13\n\x0bpath_prefix\x18\x01 \x01(\t\"?\n\x07Quiesce\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.rpbroker.lifecycle.v1.QuiesceReason\"o\n\x0c\x42roadcastAck\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).rpbroker.lifecycle.v1.BroadcastAckStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xac\x01\n\x10\x42roadcastRequest\x12@\n\x0frelease_handles\x18\x01 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x02 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x03 \x01(\x04\x42\x0b\n\toperation\"\x1f\n\x0f\x42roadcastReport\x12\x0c\n\x04json\x18\x01 \x01(\t*\x94\x01\n\rQuiesceReason\x12\x1e\n\x1aQUIESCE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bQUIESCE_REASON_IDLE_TIMEOUT\x10\x01\x12\"\n\x1eQUIESCE_REASON_BROKER_SHUTDOWN\x10\x02\x12\x1e\n\x1aQUIESCE_REASON_MAINTENANCE\x10\x03*\xd5\x01\n\x12\x42roadcastAckStatus\x12$\n BROADCAST_ACK_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42ROADCAST_ACK_STATUS_ACKED\x10\x01\x12.\n*BROADCAST_ACK_STATUS_UNSUPPORTED_OPERATION\x10\x02\x12!\n\x1d\x42ROADCAST_ACK_STATUS_REJECTED\x10\x03\x12&\n\"BROADCAST_ACK_STATUS_BACKEND_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rpbroker_lifecycle_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUIESCEREASON']._serialized_start=1256
-  _globals['_QUIESCEREASON']._serialized_end=1404
-  _globals['_BROADCASTACKSTATUS']._serialized_start=1407
-  _globals['_BROADCASTACKSTATUS']._serialized_end=1620
+  _globals['_QUIESCEREASON']._serialized_start=1280
+  _globals['_QUIESCEREASON']._serialized_end=1428
+  _globals['_BROADCASTACKSTATUS']._serialized_start=1431
+  _globals['_BROADCASTACKSTATUS']._serialized_end=1644
   _globals['_LIFECYCLEMESSAGE']._serialized_start=52
   _globals['_LIFECYCLEMESSAGE']._serialized_end=454
   _globals['_BACKENDREADY']._serialized_start=456
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKENDACTIVITY']._serialized_start=554
   _globals['_BACKENDACTIVITY']._serialized_end=628
   _globals['_BROADCASTCOMMAND']._serialized_start=631
-  _globals['_BROADCASTCOMMAND']._serialized_end=828
-  _globals['_RELEASEHANDLES']._serialized_start=830
-  _globals['_RELEASEHANDLES']._serialized_end=867
-  _globals['_QUIESCE']._serialized_start=869
-  _globals['_QUIESCE']._serialized_end=932
-  _globals['_BROADCASTACK']._serialized_start=934
-  _globals['_BROADCASTACK']._serialized_end=1045
-  _globals['_BROADCASTREQUEST']._serialized_start=1048
-  _globals['_BROADCASTREQUEST']._serialized_end=1220
-  _globals['_BROADCASTREPORT']._serialized_start=1222
-  _globals['_BROADCASTREPORT']._serialized_end=1253
+  _globals['_BROADCASTCOMMAND']._serialized_end=852
+  _globals['_RELEASEHANDLES']._serialized_start=854
+  _globals['_RELEASEHANDLES']._serialized_end=891
+  _globals['_QUIESCE']._serialized_start=893
+  _globals['_QUIESCE']._serialized_end=956
+  _globals['_BROADCASTACK']._serialized_start=958
+  _globals['_BROADCASTACK']._serialized_end=1069
+  _globals['_BROADCASTREQUEST']._serialized_start=1072
+  _globals['_BROADCASTREQUEST']._serialized_end=1244
+  _globals['_BROADCASTREPORT']._serialized_start=1246
+  _globals['_BROADCASTREPORT']._serialized_end=1277
 # @@protoc_insertion_point(module_scope)

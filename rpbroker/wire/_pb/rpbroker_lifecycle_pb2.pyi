@@ -176,8 +176,13 @@ class BroadcastCommand(_message.Message):
     RELEASE_HANDLES_FIELD_NUMBER: _builtins.int
     QUIESCE_FIELD_NUMBER: _builtins.int
     DRAIN_DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    ACK_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.int
     drain_deadline_ms: _builtins.int
+    ack_timeout_ms: _builtins.int
+    """How long the broker waits for this command's BroadcastAck, ms (0: unknown).
+    The backend bounds its own work on the command (a release hook) by it.
+    """
     @_builtins.property
     def release_handles(self) -> Global___ReleaseHandles: ...
     @_builtins.property
@@ -189,10 +194,11 @@ class BroadcastCommand(_message.Message):
         release_handles: Global___ReleaseHandles | None = ...,
         quiesce: Global___Quiesce | None = ...,
         drain_deadline_ms: _builtins.int = ...,
+        ack_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "quiesce", b"quiesce", "release_handles", b"release_handles"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_deadline_ms", b"drain_deadline_ms", "operation", b"operation", "operation_id", b"operation_id", "quiesce", b"quiesce", "release_handles", b"release_handles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_timeout_ms", b"ack_timeout_ms", "drain_deadline_ms", b"drain_deadline_ms", "operation", b"operation", "operation_id", b"operation_id", "quiesce", b"quiesce", "release_handles", b"release_handles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["release_handles", "quiesce"]  # noqa: Y015
     _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
