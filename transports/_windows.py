@@ -272,6 +272,19 @@ def open_fd_count() -> int | None:
     return None
 
 
+def open_fds() -> dict[int, str] | None:
+    """Always ``None``: Windows processes hold handles, not descriptors to list."""
+    return None
+
+
+def child_processes() -> dict[int, str] | None:
+    """Always ``None``: listing children needs a process snapshot this transport does not take.
+
+    (Backends live in kill-on-close job objects, so none outlives the broker.)
+    """
+    return None
+
+
 __all__ = [
     "PLATFORM_NAME",
     "JobChildProcess",
@@ -281,12 +294,14 @@ __all__ = [
     "PipeStream",
     "WindowsTransport",
     "broker_endpoint",
+    "child_processes",
     "connect",
     "current_user",
     "default_transport",
     "new_backend_endpoint",
     "open_control_pair",
     "open_fd_count",
+    "open_fds",
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",
