@@ -21,9 +21,11 @@ Design
 ------
 - Counting: a ``trio.abc.Instrument`` (``StepCutter``) is added for each run,
   before the target's task exists, and removed after it. Its
-  ``before_task_step`` counts steps of the target's task (``CountedTasks.TARGET_TASK``)
-  or of every task of the run (``CountedTasks.WHOLE_RUN``: tasks started while the
-  run was going by a task already counted, or into one of their nurseries); its
+  ``before_task_step`` counts steps of the target's task (``CountedTasks.TARGET_TASK``),
+  of every task of the run (``CountedTasks.WHOLE_RUN``: tasks started while the
+  run was going by a task already counted, or into one of their nurseries), or of
+  every task but the sweep's (``CountedTasks.EVERY_TASK``: to cut a client while
+  an in-process server is at each of its steps); its
   ``after_task_step`` cancels the target's scope when the k-th counted step ends
   (why that is safe, and where the cancel lands: see ``_sweep_instrument``).
   Prior art: trio's issue #77 ("a test helper for systematically injecting
@@ -239,7 +241,7 @@ class _Sweep:
         before = take_snapshot(self.checks)
         run_scope = trio.CancelScope()
         target_scope = trio.CancelScope()
-        cutter = StepCutter(cut_at, self.counted, target_scope)
+        cutter = StepCutter(cut_at, self.counted, target_scope, trio.lowlevel.current_task())
         box = _RunBox()
         trio.lowlevel.add_instrument(cutter)
         try:

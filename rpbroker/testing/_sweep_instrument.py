@@ -1,8 +1,9 @@
 """The instrument behind a cancellation sweep: count scheduler steps, cancel after the k-th.
 
 What this module does: ``StepCutter`` is a ``trio.abc.Instrument`` added for one
-run of a swept target. It tracks the run's tasks (the target's task, and with
-``CountedTasks.WHOLE_RUN`` every task started from them), counts their steps in
+run of a swept target. It tracks the run's tasks (the target's task and every
+task started from them), counts the steps ``CountedTasks`` selects (the
+target's task, the run's tasks, or every task but the sweep's) in
 ``before_task_step``, and in ``after_task_step`` of the k-th counted step cancels
 the target's cancel scope and records where the task that just ran is suspended
 (the ``StepLanding``). It also remembers every task the run started, so leftovers
@@ -61,10 +62,18 @@ class StepCutter(trio.abc.Instrument):
     target has returned.
     """
 
-    def __init__(self, cut_at: int | None, counted: CountedTasks, scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        cut_at: int | None,
+        counted: CountedTasks,
+        scope: trio.CancelScope,
+        watcher: trio.lowlevel.Task,
+    ) -> None:
         self._cut_at = cut_at
         self._counted = counted
         self._scope = scope
+        #: The sweep's own task: never counted.
+        self._watcher = watcher
         self._root: trio.lowlevel.Task | None = None
         #: The target's task and every task started from the run (alive or not).
         self._members: set[trio.lowlevel.Task] = set()
@@ -103,9 +112,13 @@ class StepCutter(trio.abc.Instrument):
         return alive
 
     def _counts(self, task: trio.lowlevel.Task) -> bool:
-        if self._counted is CountedTasks.TARGET_TASK:
-            return task is self._root
-        return task in self._members
+        match self._counted:
+            case CountedTasks.TARGET_TASK:
+                return task is self._root
+            case CountedTasks.WHOLE_RUN:
+                return task in self._members
+            case CountedTasks.EVERY_TASK:
+                return task is not self._watcher
 
     # -- trio.abc.Instrument hooks (they must never raise: trio would drop us) --
 

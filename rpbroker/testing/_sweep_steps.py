@@ -42,6 +42,10 @@ class CountedTasks(enum.Enum):
     #: already counted, or in a nursery one of them owns; never unrelated tasks of the
     #: test (a broker started before the sweep, the test's own helpers).
     WHOLE_RUN = "whole-run"
+    #: Every task of the trio run but the sweep's own: the target is cut while the
+    #: rest of the program (an in-process server it talks to) is at each of its
+    #: steps. Only the target is ever cancelled.
+    EVERY_TASK = "every-task"
 
 
 class SweepDepth(enum.Enum):

@@ -94,6 +94,21 @@ def child_pids() -> set[int]:
     return set(children)
 
 
+@attrs.frozen
+class PendingHandoffs:
+    """Handoff state the broker still holds: issued tokens and ACKs it waits for."""
+
+    tokens: int
+    acks: int
+
+
+def pending_handoffs(broker: rpbroker.Broker) -> PendingHandoffs:
+    """The broker's pending handoff tokens and ACKs (the one place that reads them)."""
+    return PendingHandoffs(
+        tokens=broker.handoff.tokens.pending_count, acks=len(broker.handoff.acks)
+    )
+
+
 def fd_count() -> int:
     count = transports.open_fd_count()
     assert count is not None

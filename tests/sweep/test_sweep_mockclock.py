@@ -214,7 +214,7 @@ async def test_a_target_longer_than_max_steps_is_reported_incomplete(
     assert "INCOMPLETE: still running after 2 steps" in report.describe()
 
 
-async def test_target_task_counts_only_its_own_steps_whole_run_counts_its_children(
+async def test_counted_tasks_select_whose_steps_count(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async def parent_and_child() -> None:
@@ -231,10 +231,15 @@ async def test_target_task_counts_only_its_own_steps_whole_run_counts_its_childr
     # The parent: up to its sleep, the wake-up, the nursery's exit. The child: 4 more.
     assert (own.total_steps, whole.total_steps) == (3, 7)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)  # an unrelated task of the test never counts
+        nursery.start_soon(ticker)  # an unrelated task of the test: not in the run
         noisy = await assert_sweep_clean(parent_and_child, counted=CountedTasks.WHOLE_RUN)
+        every = await assert_sweep_clean(parent_and_child, counted=CountedTasks.EVERY_TASK)
         nursery.cancel_scope.cancel()
     assert noisy.total_steps == 7
+    # EVERY_TASK counts the ticker too (20 wake-ups in 10 s), but cuts only the target.
+    assert every.total_steps is not None and every.total_steps >= 7 + 20
+    landed_in = {run.landing.task.name for run in every.cut_runs if run.landing is not None}
+    assert any(name.endswith("ticker") for name in landed_in)
 
 
 async def test_caller_invariants_prepare_and_settle(autojump_clock: trio.testing.MockClock) -> None:
