@@ -273,6 +273,11 @@ class _Sweep:
         cutter: StepCutter,
         box: _RunBox,
     ) -> RunHung | None:
+        """Wait for the run within its bound; past it, record the stacks and unwind it.
+
+        Returns ``None`` when the run ended in time. Cancellation: cancels the run
+        and waits up to ``grace_s`` (shielded) for it before re-raising.
+        """
         try:
             with trio.move_on_after(self.run_timeout_s):
                 await box.finished.wait()
@@ -299,14 +304,20 @@ class _Sweep:
             raise
 
     async def _quiet(self) -> None:
-        """Let the world go idle once (before a baseline snapshot)."""
+        """Let the world go idle once (before a baseline snapshot).
+
+        Cancellation: safe anywhere; nothing is held.
+        """
         with trio.move_on_after(self.settle_timeout_s):
             await trio.testing.wait_all_tasks_blocked(SETTLE_QUIET_S)
             if self.settle is not None:
                 await self.settle()
 
     async def _settle(self, before: ProcessSnapshot, cutter: StepCutter) -> tuple[Leak, ...]:
-        """Leftovers of the run once it has settled (see the module docstring)."""
+        """Leftovers of the run once it has settled (see the module docstring).
+
+        Cancellation: safe anywhere; only waits and looks.
+        """
         with trio.move_on_after(self.settle_timeout_s):
             for _ in range(self.settle_rounds):
                 await trio.testing.wait_all_tasks_blocked(SETTLE_QUIET_S)

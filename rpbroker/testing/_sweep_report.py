@@ -21,7 +21,7 @@ import attrs
 from ._sweep_instrument import StepLanding
 from ._sweep_leaks import BuiltinChecks, Leak
 from ._sweep_steps import CountedTasks, SampleSteps
-from ._sweep_tasks import StackEntry, TaskStack, innermost_own_frame
+from ._sweep_tasks import StackEntry, TaskStack, innermost_own_frame, own_frames_text
 
 
 @attrs.frozen
@@ -143,15 +143,15 @@ class RunResult:
         if self.landing is not None:
             lines.append("  " + _landing_text(self.landing))
         match self.outcome:
-            case RunCancelled() as cancelled if cancelled.where is not None:
-                lines.append(f"  Cancelled raised at {cancelled.where}")
+            case RunCancelled(raised_at=raised_at) if raised_at:
+                lines.append(f"  Cancelled raised at {own_frames_text(raised_at)}")
             case RunFailed(error=error) | RunRaisedAllowed(error=error):
                 lines.extend(_indent(_format_error(error), "  | "))
             case RunHung(tasks=tasks):
                 for task in tasks:
-                    at = f" at {task.where}" if task.where is not None else ""
-                    lines.append(f"  task {task.name!r} stuck{at}; its stack:")
-                    lines.extend(f"    {entry}" for entry in task.stack)
+                    lines.append(f"  task {task.name!r} stuck at {own_frames_text(task.stack)}")
+                    lines.append("    its stack:")
+                    lines.extend(f"      {entry}" for entry in task.stack)
             case _:
                 pass
         for leak in self.leaks:
@@ -166,7 +166,10 @@ def _outcome_text(outcome: RunOutcome) -> str:
         case RunFailed(reason=reason):
             return f"failed: {reason}"
         case RunHung(bound_s=bound_s, unwinding=unwinding):
-            return f"hung: still running {bound_s:g} s after it started; it {unwinding.value}"
+            return (
+                f"hung: still running at its bound (run_timeout_s={bound_s:g} on trio's clock);"
+                f" it {unwinding.value}"
+            )
         case RunRaisedAllowed(error=error):
             return f"raised an allowed {type(error).__name__}"
         case _:
@@ -177,8 +180,7 @@ def _landing_text(landing: StepLanding) -> str:
     head = f"cut after step {landing.step} of task {landing.task.name!r}"
     if landing.finished:
         return f"{head}, which had just finished"
-    where = landing.task.where
-    return f"{head}, suspended at {where}" if where is not None else head
+    return f"{head}, suspended at {own_frames_text(landing.task.stack)}"
 
 
 def _format_error(error: BaseException) -> list[str]:

@@ -124,6 +124,19 @@ def innermost_own_frame(stack: tuple[StackEntry, ...]) -> StackEntry | None:
     return stack[-1] if stack else None
 
 
+def own_frames_text(stack: tuple[StackEntry, ...]) -> str:
+    """The innermost own frame, and the outermost one it was called from if different.
+
+    ``rpbroker/streams.py:35 (receive_some): ..., called from test_x.py:12 (fetch)``:
+    where it happened, and which line of the code under test led there.
+    """
+    inner = innermost_own_frame(stack)
+    if inner is None:
+        return "(no frames)"
+    outer = next((entry for entry in stack if not _is_plumbing(entry)), inner)
+    return str(inner) if outer is inner else f"{inner}, called from {outer.location}"
+
+
 def tasks_under(root: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
     """``root`` (while alive) and every task alive in a nursery below it."""
     todo = [root]

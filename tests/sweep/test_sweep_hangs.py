@@ -34,7 +34,7 @@ async def test_a_shielded_wait_after_the_cut_is_reported_as_hung_with_its_stack(
     assert task.where.lineno == line_of(shielded_cleanup_that_never_ends, "nobody ever sets it")
     text = report.describe()
     assert "FAILED at run k=1" in text
-    assert "hung: still running" in text
+    assert "hung: still running at its bound" in text
     assert "ended only after the sweep lifted its cancel shields" in text
 
 

@@ -15,6 +15,7 @@ import trio
 
 from rpbroker.testing import (
     BrokenInvariant,
+    BuiltinChecks,
     CountedTasks,
     LeakedFd,
     LeakedTask,
@@ -97,6 +98,22 @@ async def test_a_descriptor_leaked_only_at_step_3_is_reported_with_k_and_the_fd(
     assert f"descriptor {fds[0]} -> socket:[" in text
     with pytest.raises(AssertionError, match="FAILED at run k=3"):
         report.raise_for_failure()
+
+
+async def test_only_the_requested_builtin_checks_are_made(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    try:
+        report = await assert_sweep_clean(
+            leaks_a_socket_pair_when_cut_at_step_3, checks=BuiltinChecks.TASKS
+        )
+    finally:
+        for a, b in HELD:
+            a.close()
+            b.close()
+        HELD.clear()
+    assert report.total_steps == 5
+    assert report.unchecked is BuiltinChecks.NONE
 
 
 async def test_a_task_left_running_in_an_outer_nursery_is_a_leak(
