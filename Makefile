@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck bench proto clean
+.PHONY: test sweep demo lint typecheck bench proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ test: $(STAMP)
 	$(BIN)/python -m mypy --platform darwin transports
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
+
+# Cancellation sweeps at every step (`make test` runs them sampled); -rP prints
+# each target's summary: steps taken uncancelled, outcomes, handoff fallbacks.
+sweep: $(STAMP)
+	RPBROKER_SWEEP=full $(BIN)/python -m pytest -q -m sweep -rP
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .

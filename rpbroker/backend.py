@@ -315,7 +315,7 @@ class _Backend:
                         )
                     )
             except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                detail = "client connection failed while confirming the handoff"
+                detail = control.CLIENT_GONE_DETAIL
             else:
                 self._remember(token_bytes)
                 self._adopted.add(passed.stream)

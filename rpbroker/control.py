@@ -70,6 +70,12 @@ _FAILURE_WIRE = {
 _FAILURE_FROM_WIRE: dict[int, BroadcastFailure] = {int(v): k for k, v in _FAILURE_WIRE.items()}
 
 
+#: ``HandoffAck.error_detail`` of a backend that refused an offer only because the
+#: client's connection failed while the backend confirmed the handoff to it: the
+#: broker counts that as the client's doing, not as a failure of the backend.
+CLIENT_GONE_DETAIL = "client connection failed while confirming the handoff"
+
+
 class ControlMessageError(Exception):
     """An inbound control message was malformed or of an unexpected kind."""
 

@@ -67,7 +67,7 @@ class AttemptFailure(enum.Enum):
     BACKEND_NOT_ROUTABLE = "backend-not-routable"
     #: The backend's control link closed (before the pass, or before its ACK).
     LINK_CLOSED = "link-closed"
-    #: The ``Negotiated`` reply could not be written: the client is gone.
+    #: The ``Negotiated`` reply could not be written: the client is gone (abandoned).
     CLIENT_WRITE_FAILED = "client-write-failed"
     #: The kernel refused to pass the descriptor (EPERM/EACCES).
     PASS_PERMISSION_DENIED = "pass-permission-denied"
@@ -83,7 +83,8 @@ class AttemptFailure(enum.Enum):
     BACKEND_REJECTED = "backend-rejected"
     #: The registry refused the ACK (it arrived after the deadline).
     ACK_LATE = "ack-late"
-    #: Abandoned: the client hung up during the attempt.
+    #: Abandoned: the client hung up during the attempt (noticed by the broker, or
+    #: by the backend while confirming the handoff).
     CLIENT_GONE = "client-gone"
     #: Abandoned: the broker began shutting down.
     BROKER_STOPPING = "broker-stopping"
@@ -108,7 +109,12 @@ class AttemptFailure(enum.Enum):
 
 
 _ABANDONMENTS: Final = frozenset(
-    {AttemptFailure.CLIENT_GONE, AttemptFailure.BROKER_STOPPING, AttemptFailure.CANCELLED}
+    {
+        AttemptFailure.CLIENT_WRITE_FAILED,
+        AttemptFailure.CLIENT_GONE,
+        AttemptFailure.BROKER_STOPPING,
+        AttemptFailure.CANCELLED,
+    }
 )
 
 
@@ -420,11 +426,13 @@ class HandoffCoordinator:
         plan = attempt.plan
         problem = _ack_problem(reply, plan.token, plan.correlation_id)
         if problem is not None:
-            failure = (
-                AttemptFailure.BACKEND_REJECTED
-                if reply.token == plan.token.raw and not reply.accepted
-                else AttemptFailure.ACK_MISMATCH
-            )
+            failure = AttemptFailure.ACK_MISMATCH
+            if reply.token == plan.token.raw and not reply.accepted:
+                failure = (
+                    AttemptFailure.CLIENT_GONE
+                    if reply.detail == control.CLIENT_GONE_DETAIL
+                    else AttemptFailure.BACKEND_REJECTED
+                )
             self._end(attempt, failure, problem)
             return
         verdict = self.acks.acknowledge(plan.token, trio.current_time())

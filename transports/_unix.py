@@ -12,7 +12,8 @@ Each concept lives in its own module:
 - ``_unix_fdpass``: sending a descriptor with its token;
 - ``_unix_control``: the framed broker-to-backend socketpair;
 - ``_unix_spawn``: children in their own process group with a parent-death signal;
-- ``_unix_fds``: descriptor counting and closing helpers.
+- ``_unix_fds``: descriptor counting, listing and closing helpers;
+- ``_unix_children``: this process's unreaped children, from ``/proc``.
 
 What it does not do: anything on Windows (``transports._windows``), or speak
 protobuf, or apply policy.
@@ -28,6 +29,7 @@ import sys
 assert sys.platform != "win32", "transports._unix is the Unix transport"
 
 
+from transports._unix_children import child_processes
 from transports._unix_connect import connect
 from transports._unix_control import (
     UnixChildControl,
@@ -35,7 +37,7 @@ from transports._unix_control import (
     open_control_pair,
     open_inherited_control_channel,
 )
-from transports._unix_fds import fd_usage_ratio, open_fd_count, wait_peer_closed
+from transports._unix_fds import fd_usage_ratio, open_fd_count, open_fds, wait_peer_closed
 from transports._unix_listen import UnixListener, open_listener
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
@@ -61,12 +63,14 @@ __all__ = [
     "UnixControlChannel",
     "UnixListener",
     "broker_endpoint",
+    "child_processes",
     "connect",
     "current_user",
     "new_backend_endpoint",
     "open_control_pair",
     "fd_usage_ratio",
     "open_fd_count",
+    "open_fds",
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",

@@ -1,7 +1,8 @@
 """Small helpers for raw file descriptors on Unix.
 
 What this module does: counts the process's open descriptors (``open_fd_count``,
-used for fd-pressure decisions and leak tests), closes descriptors and sockets
+used for fd-pressure decisions and leak tests) and lists them with what each one
+refers to (``open_fds``, for leak reports), closes descriptors and sockets
 that trio may be watching without raising, and turns a raw descriptor received
 from another process into a ``trio.SocketStream``.
 
@@ -52,6 +53,32 @@ def fd_usage_ratio() -> float | None:
     if count is None or soft == resource.RLIM_INFINITY or soft <= 0:
         return None
     return count / soft
+
+
+def open_fds() -> dict[int, str] | None:
+    """The process's open descriptors, each with what it refers to; ``None`` if unknown.
+
+    The target is the ``/proc/self/fd`` link text (``socket:[1234]``, ``pipe:[5]``,
+    a path) on Linux and ``""`` where descriptors are not links (``/dev/fd`` on
+    macOS). A descriptor closed while the directory is read is left out, and so
+    is the one used to read it.
+    """
+    for directory in _FD_DIRECTORIES:
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        found: dict[int, str] = {}
+        for entry in entries:
+            path = os.path.join(directory, entry)
+            try:
+                found[int(entry)] = os.readlink(path)
+            except FileNotFoundError:
+                continue  # closed meanwhile (the listing's own descriptor is)
+            except OSError:
+                found[int(entry)] = ""  # exists but is not a link (fdescfs)
+        return found
+    return None
 
 
 def _notify_closing(target: int | socket.socket) -> None:

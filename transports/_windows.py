@@ -277,6 +277,19 @@ def fd_usage_ratio() -> float | None:
     return None
 
 
+def open_fds() -> dict[int, str] | None:
+    """Always ``None``: Windows processes hold handles, not descriptors to list."""
+    return None
+
+
+def child_processes() -> dict[int, str] | None:
+    """Always ``None``: listing children needs a process snapshot this transport does not take.
+
+    (Backends live in kill-on-close job objects, so none outlives the broker.)
+    """
+    return None
+
+
 __all__ = [
     "PLATFORM_NAME",
     "JobChildProcess",
@@ -286,6 +299,7 @@ __all__ = [
     "PipeStream",
     "WindowsTransport",
     "broker_endpoint",
+    "child_processes",
     "connect",
     "current_user",
     "default_transport",
@@ -293,6 +307,7 @@ __all__ = [
     "open_control_pair",
     "fd_usage_ratio",
     "open_fd_count",
+    "open_fds",
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",

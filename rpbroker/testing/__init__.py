@@ -19,6 +19,12 @@ What it does
   connection handler (echo by default). Each fake listens on its real endpoint,
   so reconnect-route clients work. ``FakeBackend.crash(status)`` simulates a crash.
 - ``fanout_benchmark(count)``: broadcast fan-out to many fakes (used by ``bench``).
+- ``sweep_cancellation(target, *args)`` / ``assert_sweep_clean(...)``: cancel any
+  async code of yours after its 1st, 2nd, ... scheduler step and check after each
+  run that no descriptor, child process or task was left and that your own
+  invariants hold; hangs (even shielded ones) are reported with the stuck tasks'
+  stacks. Works with real processes and sockets and under ``MockClock``. See
+  ``rpbroker.testing._sweep`` for the design and its limits.
 - The pieces are usable alone: ``memory_control_pair`` (an in-memory
   ``transports.ControlChannel`` pair that passes ``dup()``-ed sockets),
   ``FakeProcess`` (a ``transports.ChildProcess`` the test controls) and
@@ -92,17 +98,67 @@ from ._channel import MemoryControlChannel, memory_control_pair
 from ._fanout import FANOUT_OPERATION, fanout_benchmark
 from ._launcher import FakeLauncher
 from ._process import FIRST_FAKE_PID, KILLED_STATUS, TERMINATED_STATUS, FakeProcess
+from ._sweep import (
+    DEFAULT_RUN_TIMEOUT_S,
+    DEFAULT_VIRTUAL_RUN_TIMEOUT_S,
+    SweepOptions,
+    assert_sweep_clean,
+    sweep_cancellation,
+)
+from ._sweep_instrument import StepLanding
+from ._sweep_leaks import (
+    BrokenInvariant,
+    BuiltinChecks,
+    Invariant,
+    Leak,
+    LeakedChild,
+    LeakedFd,
+    LeakedTask,
+)
+from ._sweep_report import (
+    OutcomeKind,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunHung,
+    RunOutcome,
+    RunRaisedAllowed,
+    RunResult,
+    SweepEnd,
+    SweepReport,
+    Unwinding,
+)
+from ._sweep_steps import (
+    DEFAULT_MAX_STEPS,
+    EVERY_STEP,
+    SWEEP_ENV,
+    CountedTasks,
+    SampleSteps,
+    SweepDepth,
+    SweepUsageError,
+    steps_from_environment,
+    sweep_depth_from_environment,
+)
+from ._sweep_tasks import StackEntry, TaskStack
 
 __all__ = [
     "ACK",
     "DEAD",
+    "DEFAULT_MAX_STEPS",
+    "DEFAULT_RUN_TIMEOUT_S",
+    "DEFAULT_VIRTUAL_RUN_TIMEOUT_S",
+    "EVERY_STEP",
     "FANOUT_OPERATION",
     "FIRST_FAKE_PID",
     "PLACEHOLDER_COMMAND",
+    "SWEEP_ENV",
     "TERMINATED_STATUS",
     "TEST_EVENT_LOG_SIZE",
     "TIMEOUT",
     "BroadcastResponse",
+    "BrokenInvariant",
+    "BuiltinChecks",
+    "CountedTasks",
     "Dies",
     "FakeBackend",
     "FakeBackendScript",
@@ -110,12 +166,39 @@ __all__ = [
     "FakeProcess",
     "FakeService",
     "HandoffBehaviour",
+    "Invariant",
     "KILLED_STATUS",
+    "Leak",
+    "LeakedChild",
+    "LeakedFd",
+    "LeakedTask",
     "MemoryControlChannel",
+    "OutcomeKind",
     "RecordedEvent",
+    "RunCancelled",
+    "RunCompleted",
+    "RunFailed",
+    "RunHung",
+    "RunOutcome",
+    "RunRaisedAllowed",
+    "RunResult",
+    "SampleSteps",
+    "StackEntry",
+    "StepLanding",
+    "SweepDepth",
+    "SweepEnd",
+    "SweepOptions",
+    "SweepReport",
+    "SweepUsageError",
+    "TaskStack",
     "TestBroker",
+    "Unwinding",
+    "assert_sweep_clean",
     "echo_handler",
     "fanout_benchmark",
     "memory_control_pair",
     "open_test_broker",
+    "steps_from_environment",
+    "sweep_cancellation",
+    "sweep_depth_from_environment",
 ]

@@ -88,20 +88,23 @@ def remove_tree(root: Path) -> None:
 
 
 def child_pids() -> set[int]:
-    """Pids of this process's living, unreaped children (from /proc)."""
-    me = os.getpid()
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == me:
-            found.add(int(entry.name))
-    return found
+    """Pids of this process's living, unreaped children."""
+    children = transports.child_processes()
+    assert children is not None, "needs /proc"
+    return set(children)
+
+
+@attrs.frozen
+class PendingHandoffs:
+    """Handoff state the broker still holds: issued tokens and ACKs it waits for."""
+
+    tokens: int
+    acks: int
+
+
+def pending_handoffs(broker: rpbroker.Broker) -> PendingHandoffs:
+    """The broker's pending handoff tokens and ACKs (the one place that reads them)."""
+    return PendingHandoffs(tokens=len(broker.handoff.tokens), acks=len(broker.handoff.acks))
 
 
 def fd_count() -> int:

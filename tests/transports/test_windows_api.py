@@ -57,6 +57,8 @@ def test_facade_imports_and_refuses_without_an_injected_api() -> None:
     facade.set_default_transport(None)
     assert facade.PLATFORM_NAME == "windows"
     assert facade.open_fd_count() is None
+    assert facade.open_fds() is None
+    assert facade.child_processes() is None
     for call in (facade.current_user, facade.user_hash, facade.open_control_pair):
         with pytest.raises(TransportError, match="non-Windows platform"):
             call()
