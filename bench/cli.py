@@ -27,6 +27,11 @@ from bench.wire_client import WireClient
 
 RESULTS = REPO / "bench" / "results"
 SECTIONS = ("routes", "prototype", "hello", "fanout", "policy", "startup")
+#: Prototype variants measured in the prototype section: name -> extra flags.
+PROTOTYPE_VARIANTS = {
+    "prototype_routes": (),
+    "prototype_backend_reply_routes": ("--backend-writes-reply",),
+}
 #: Routes measured against the prototype: the lean client's only.
 PROTOTYPE_ROUTES = WIRE_ROUTES
 #: Warm-up connections per route before measuring, so caches and code paths are hot.
@@ -51,12 +56,11 @@ class Servers:
         assert isinstance(found, BrokerProcess)
         return found
 
-    def prototype(self, *, task_per_hello: bool = False) -> ServerProcess:
-        name = "prototype_task" if task_per_hello else "prototype"
+    def prototype(self, name: str = "prototype", *extra: str) -> ServerProcess:
+        """The prototype broker started with ``extra`` flags, under ``name``."""
         if name not in self._started:
             server = ServerProcess(name)
             self._stack.callback(server.stop)
-            extra = ["--task-per-hello"] if task_per_hello else []
             server.start(
                 python_module(
                     "bench.prototypes.mini_broker", server.socket, str(server.root), *extra
@@ -112,16 +116,17 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
                 servers.broker(), WIRE_ROUTES + SDK_ROUTES, samples, block
             )
         if "prototype" in chosen:
-            results["prototype_routes"] = _route_section(
-                servers.prototype(), PROTOTYPE_ROUTES, samples, block
-            )
+            for key, flags in PROTOTYPE_VARIANTS.items():
+                results[key] = _route_section(
+                    servers.prototype(key, *flags), PROTOTYPE_ROUTES, samples, block
+                )
         if "hello" in chosen:
             base = 400 if quick else 3000
             by_name = {
                 "responder": servers.responder(),
                 "broker": servers.broker(),
-                "prototype": servers.prototype(),
-                "prototype_task": servers.prototype(task_per_hello=True),
+                "prototype": servers.prototype("prototype_routes"),
+                "prototype_task": servers.prototype("prototype_task", "--task-per-hello"),
             }
             results["hello"] = hello.measure_hello(
                 {name: (s.socket, s.pid) for name, s in by_name.items()},
@@ -147,7 +152,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=400, help="latency samples per route")
     parser.add_argument("--block", type=int, default=25, help="connections per route block")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
-    parser.add_argument("--baseline", type=Path, default=RESULTS / "baseline.json")
+    parser.add_argument("--baseline", type=Path, default=REPO / "bench" / "baseline.json")
     args = parser.parse_args(argv)
     require_linux_proc()
     results = run_sections(args)

@@ -117,7 +117,11 @@ def markdown(results: dict[str, Any]) -> str:
         + (" (quick run: small samples)" if machine["quick"] else "")
         + ".",
     ]
-    for key, title in (("routes", "rpbroker"), ("prototype_routes", "prototype (the bound)")):
+    for key, title in (
+        ("routes", "rpbroker"),
+        ("prototype_routes", "prototype (the bound)"),
+        ("prototype_backend_reply_routes", "prototype, backend writes the reply"),
+    ):
         if key in results:
             parts += [
                 f"\n### Route latency, µs: {title}\n",

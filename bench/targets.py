@@ -172,6 +172,7 @@ def all_targets(baseline: dict[str, Any] | None) -> list[Target]:
             _path("policy", "fallback_ratio_100k_over_1k"),
         ),
         *_route_targets("prototype_routes", "prototype"),
+        *_route_targets("prototype_backend_reply_routes", "prototype, backend writes reply"),
         Target(
             "prototype: Hellos/s vs minimal responder, 16 clients",
             "the bound: a bare broker answering in its accept loop",

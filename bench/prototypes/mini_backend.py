@@ -1,6 +1,7 @@
 """The bare trio backend behind ``mini_broker``: echo, by either route.
 
-Run by ``mini_broker`` as ``python -m bench.prototypes.mini_backend ENDPOINT`` with
+Run by ``mini_broker`` as ``python -m bench.prototypes.mini_backend ENDPOINT
+[--reply-follows-offer]`` with
 its end of the control socketpair named in ``BENCH_PROTO_CONTROL_FD``; writes one
 ``R`` on the channel once it listens, and exits when the channel closes.
 
@@ -17,6 +18,9 @@ its end of the control socketpair named in ``BENCH_PROTO_CONTROL_FD``; writes on
   waits for input, whichever comes first, so the client wakes once for EVENT and
   reply. Only then is the ``HandoffAck`` queued; one task sends queued ACKs to
   the broker in a single write, off the client's critical path.
+- ``--reply-follows-offer``: each control message carries the broker's
+  ``Negotiated`` frame after the offer; it is corked in front of the EVENT, so the
+  client gets reply, EVENT and first response in one segment.
 
 What it does not do: answer probes or broadcasts, report activity, or flush a
 corked EVENT for a handler that computes for long before any I/O (a real SDK
@@ -93,8 +97,11 @@ class CorkedStream(LeanUnixStream):
 
 
 class MiniBackend:
-    def __init__(self, control_sock: socket.socket, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, control_sock: socket.socket, nursery: trio.Nursery, *, reply_follows: bool
+    ) -> None:
         self.control = control_sock
+        self.reply_follows = reply_follows
         self.nursery = nursery
         self.acks: list[bytes] = []
         self.ack_wanted = trio.Event()
@@ -116,7 +123,7 @@ class MiniBackend:
             conn.setblocking(False)
             self.nursery.start_soon(self.run_handler, LeanUnixStream(conn))
 
-    def adopt(self, fd: int, token: bytes, body: bytes) -> None:
+    def adopt(self, fd: int, token: bytes, body: bytes, reply: bytes) -> None:
         conn = socket.socket(fileno=fd)
         conn.setblocking(False)
         frame = decode_frame(body)
@@ -127,7 +134,7 @@ class MiniBackend:
             and frame.request_id == cid
             and time.time() * 1000 < frame.deadline_unix_ms
         )
-        event = control.handoff_ready_event(
+        event = reply + control.handoff_ready_event(
             token=token, accepted=good, detail="" if good else "refused", correlation_id=cid
         )
         ack = control.handoff_reply(
@@ -171,23 +178,35 @@ class MiniBackend:
                 return
             fds.extend(fds_from_ancillary(ancdata))
             buf += chunk
-            while len(buf) >= TOKEN_BYTES + FRAME_HEADER_BYTES:
-                start = TOKEN_BYTES + FRAME_HEADER_BYTES
-                end = start + int.from_bytes(buf[TOKEN_BYTES + 1 : start], "little")
-                if len(buf) < end:
-                    break
-                token, body = bytes(buf[:TOKEN_BYTES]), bytes(buf[start:end])
-                del buf[:end]
-                self.adopt(fds.popleft(), token, body)
+            while (message := self._split(buf)) is not None:
+                token, body, reply = message
+                self.adopt(fds.popleft(), token, body, reply)
+
+    def _split(self, buf: bytearray) -> tuple[bytes, bytes, bytes] | None:
+        """Take one whole message (token, offer body, reply frame) off ``buf``, if there."""
+        start = TOKEN_BYTES + FRAME_HEADER_BYTES
+        if len(buf) < start:
+            return None
+        end = start + int.from_bytes(buf[TOKEN_BYTES + 1 : start], "little")
+        reply_end = end
+        if self.reply_follows:
+            if len(buf) < end + FRAME_HEADER_BYTES:
+                return None
+            reply_end = end + FRAME_HEADER_BYTES + int.from_bytes(buf[end + 1 : end + 5], "little")
+        if len(buf) < reply_end:
+            return None
+        message = bytes(buf[:TOKEN_BYTES]), bytes(buf[start:end]), bytes(buf[end:reply_end])
+        del buf[:reply_end]
+        return message
 
 
-async def main(endpoint: str) -> None:
+async def main(endpoint: str, reply_follows: bool) -> None:
     """Serve until the broker closes the control channel. Cancellation: stops serving."""
     control_sock = socket.socket(fileno=int(os.environ[CONTROL_FD_ENV]))
     control_sock.setblocking(False)
     listener = listen_unix(endpoint)
     async with trio.open_nursery() as nursery:
-        backend = MiniBackend(control_sock, nursery)
+        backend = MiniBackend(control_sock, nursery, reply_follows=reply_follows)
         nursery.start_soon(backend.accept_loop, listener)
         nursery.start_soon(backend.send_acks)
         control_sock.send(b"R")
@@ -196,4 +215,4 @@ async def main(endpoint: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1])
+    trio.run(main, sys.argv[1], "--reply-follows-offer" in sys.argv[2:])

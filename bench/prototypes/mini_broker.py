@@ -1,7 +1,8 @@
 """A bare trio broker doing exactly the wire work of reconnect and pipelined handoff.
 
-Run as ``python -m bench.prototypes.mini_broker SOCKET RUNTIME_DIR [--task-per-hello]``;
-prints ``serving on`` to stderr once its backend (``mini_backend``) is ready.
+Run as ``python -m bench.prototypes.mini_broker SOCKET RUNTIME_DIR [--task-per-hello]
+[--backend-writes-reply]``; prints ``serving on`` to stderr once its backend
+(``mini_backend``) is ready.
 
 Per connection it checks the peer's uid (``SO_PEERCRED``), reads exactly one frame
 (header, then body: a pipelined request behind the Hello stays in the socket),
@@ -16,6 +17,13 @@ decodes the ``Frame`` and the ``Hello``, and answers:
 By default a Hello whose bytes are already there is answered inside the accept
 loop, without a task of its own; only one that must wait gets a task
 (``--task-per-hello`` gives every connection a task, the usual trio shape).
+
+``--backend-writes-reply`` measures a protocol-compatible variant of the handoff
+route: the broker writes nothing on a connection it hands off; the ``Negotiated``
+frame travels to the backend in the same ``sendmsg`` (after the offer), and the
+backend writes ``Negotiated`` + EVENT + its first reply in one ``send``. The client
+sees the same bytes in the same order, but is woken once instead of first by the
+broker's reply (when it can do nothing yet) and then by the backend's.
 
 What it does not do: anything that is not wire work. No service catalog, version
 policy, rate limit, supervision, events, metrics, or ACK deadline sweep: this is
@@ -59,10 +67,18 @@ _CONTROL_RECV_BYTES = 65536
 
 
 class MiniBroker:
-    def __init__(self, control_sock: socket.socket, endpoint: str, task_per_hello: bool) -> None:
+    def __init__(
+        self,
+        control_sock: socket.socket,
+        endpoint: str,
+        *,
+        task_per_hello: bool,
+        backend_writes_reply: bool,
+    ) -> None:
         self.control = control_sock
         self.endpoint = endpoint
         self.task_per_hello = task_per_hello
+        self.backend_writes_reply = backend_writes_reply
         self.uid = os.getuid()
         self.ids = itertools.count(1)
         self.pending: dict[int, bytes] = {}
@@ -76,7 +92,9 @@ class MiniBroker:
             connection_id = next(self.ids)
             if hello.client_capabilities & Capability.HANDLE_PASSING:
                 token = secrets.token_bytes(16)
-                conn.send(negotiated_frame(frame, self.endpoint, connection_id, token), SEND_FLAGS)
+                reply = negotiated_frame(frame, self.endpoint, connection_id, token)
+                if not self.backend_writes_reply:
+                    conn.send(reply, SEND_FLAGS)
                 offer = control.handoff_offer(
                     token=token,
                     service_name=hello.service_name,
@@ -84,7 +102,7 @@ class MiniBroker:
                     deadline_unix_ms=int((time.time() + ADOPT_WINDOW_S) * 1000),
                 )
                 fds = array.array("i", [conn.fileno()]).tobytes()
-                message = token + offer
+                message = token + offer + reply if self.backend_writes_reply else token + offer
                 sent = self.control.sendmsg(
                     [message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], SEND_FLAGS
                 )
@@ -180,13 +198,14 @@ class MiniBroker:
                     self.acked += 1
 
 
-async def main(path: str, runtime_dir: str, task_per_hello: bool) -> None:
+async def main(path: str, runtime_dir: str, task_per_hello: bool, backend_reply: bool) -> None:
     """Start the backend, then serve until killed. Cancellation: kills the backend."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     endpoint = str(Path(runtime_dir) / "proto-backend.sock")
     env = dict(os.environ, **{CONTROL_FD_ENV: str(child_end.fileno())})
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "bench.prototypes.mini_backend", endpoint],
+        [sys.executable, "-m", "bench.prototypes.mini_backend", endpoint]
+        + (["--reply-follows-offer"] if backend_reply else []),
         pass_fds=(child_end.fileno(),),
         env=env,
     )
@@ -196,7 +215,9 @@ async def main(path: str, runtime_dir: str, task_per_hello: bool) -> None:
         await trio.lowlevel.wait_readable(parent_end)
         if parent_end.recv(1) != b"R":
             raise RuntimeError("the prototype backend did not report ready")
-        broker = MiniBroker(parent_end, endpoint, task_per_hello)
+        broker = MiniBroker(
+            parent_end, endpoint, task_per_hello=task_per_hello, backend_writes_reply=backend_reply
+        )
         listener = listen_unix(path)
         print(f"mini_broker: serving on {path}", file=sys.stderr, flush=True)
         async with trio.open_nursery() as nursery:
@@ -207,4 +228,11 @@ async def main(path: str, runtime_dir: str, task_per_hello: bool) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], "--task-per-hello" in sys.argv[3:])
+    flags = sys.argv[3:]
+    trio.run(
+        main,
+        sys.argv[1],
+        sys.argv[2],
+        "--task-per-hello" in flags,
+        "--backend-writes-reply" in flags,
+    )
