@@ -81,52 +81,36 @@ class WireClient:
 
     def floor(self) -> int:
         started = time.perf_counter_ns()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self.backend_endpoint)
-            sock.sendall(REQUEST)
-            got = sock.recv(1)
-            elapsed = time.perf_counter_ns() - started
-        finally:
-            sock.close()
+        got, done = _echo_once(self.backend_endpoint)
         _check_echo(got)
-        return elapsed
+        return done - started
 
     def hello(self) -> int:
         """Hello -> ``Negotiated`` only (a warm backend): connect, Hello, whole reply."""
         started = time.perf_counter_ns()
+        body, done = self._ask_broker()
+        _negotiated(body)
+        return done - started
+
+    def reconnect(self) -> int:
+        started = time.perf_counter_ns()
+        body, _ = self._ask_broker()
+        endpoint = _negotiated(body).backend_pipe
+        got, done = _echo_once(endpoint)
+        _check_echo(got)
+        self.backend_endpoint = endpoint
+        return done - started
+
+    def _ask_broker(self) -> tuple[bytes, int]:
+        """Send the reconnect Hello; (reply body, ns clock when it was complete)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.broker)
             sock.sendall(self._reconnect_hello)
             body = _Reader(sock).frame_body()
-            elapsed = time.perf_counter_ns() - started
+            return body, time.perf_counter_ns()
         finally:
             sock.close()
-        _negotiated(body)
-        return elapsed
-
-    def reconnect(self) -> int:
-        started = time.perf_counter_ns()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self.broker)
-            sock.sendall(self._reconnect_hello)
-            negotiated = _negotiated(_Reader(sock).frame_body())
-        finally:
-            sock.close()
-        endpoint = negotiated.backend_pipe
-        backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            backend.connect(endpoint)
-            backend.sendall(REQUEST)
-            got = backend.recv(1)
-            elapsed = time.perf_counter_ns() - started
-        finally:
-            backend.close()
-        _check_echo(got)
-        self.backend_endpoint = endpoint
-        return elapsed
 
     def handoff(self) -> int:
         """Plain handoff: the request goes out once the handoff-ready EVENT arrived."""
@@ -156,6 +140,18 @@ class WireClient:
             sock.close()
         _check_echo(got)
         return elapsed
+
+
+def _echo_once(endpoint: str) -> tuple[bytes, int]:
+    """Connect, send the request, read one byte; (that byte, ns clock when it came)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(endpoint)
+        sock.sendall(REQUEST)
+        got = sock.recv(1)
+        return got, time.perf_counter_ns()
+    finally:
+        sock.close()
 
 
 def _negotiated(body: bytes) -> Negotiated:
