@@ -192,7 +192,7 @@ class Broker:
 
     async def broadcast(
         self, operation: BroadcastOperation, *, ack_timeout_s: float | None = None
-    ) -> BroadcastResult:
+    ) -> BroadcastResult[Incarnation]:
         """Send a lifecycle operation to every live backend; see ``BackendRegistry.broadcast``.
 
         Cancellation: abandons the outstanding ACK waits.

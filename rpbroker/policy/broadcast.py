@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Hashable, Iterable
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 
 from rpbroker.policy._units import clamp_duration_s
+
+B = TypeVar("B", bound=Hashable)
 
 #: Seconds each backend has to acknowledge one broadcast; a backend that needs
 #: longer to release handles or begin draining is reported as timed out.
@@ -86,37 +88,37 @@ _FAILURE_DETAILS: Final[dict[BroadcastFailure, str]] = {
 
 
 @attrs.frozen
-class BackendAcked:
+class BackendAcked(Generic[B]):
     """The backend acknowledged the operation."""
 
-    backend: Hashable
+    backend: B
 
 
 @attrs.frozen
-class BackendTimedOut:
+class BackendTimedOut(Generic[B]):
     """The backend did not answer within ``timeout_s`` seconds."""
 
-    backend: Hashable
+    backend: B
     timeout_s: float
 
 
 @attrs.frozen
-class BackendFailed:
+class BackendFailed(Generic[B]):
     """The backend answered with a failure."""
 
-    backend: Hashable
+    backend: B
     failure: BroadcastFailure
     detail: str = ""
 
 
 @attrs.frozen
-class BackendSkippedDead:
+class BackendSkippedDead(Generic[B]):
     """The backend was dead; nothing was sent to it."""
 
-    backend: Hashable
+    backend: B
 
 
-BroadcastOutcome = BackendAcked | BackendTimedOut | BackendFailed | BackendSkippedDead
+BroadcastOutcome = BackendAcked[B] | BackendTimedOut[B] | BackendFailed[B] | BackendSkippedDead[B]
 
 
 def _backend_json(backend: Hashable) -> Any:
@@ -130,14 +132,14 @@ def _backend_json(backend: Hashable) -> Any:
 
 
 @attrs.frozen
-class BroadcastResult:
+class BroadcastResult(Generic[B]):
     """Outcome of one broadcast, each list in backend registration order."""
 
     operation: BroadcastOperation
-    acks: tuple[BackendAcked, ...] = ()
-    timeouts: tuple[BackendTimedOut, ...] = ()
-    failures: tuple[BackendFailed, ...] = ()
-    skipped_dead: tuple[BackendSkippedDead, ...] = ()
+    acks: tuple[BackendAcked[B], ...] = ()
+    timeouts: tuple[BackendTimedOut[B], ...] = ()
+    failures: tuple[BackendFailed[B], ...] = ()
+    skipped_dead: tuple[BackendSkippedDead[B], ...] = ()
 
     @property
     def sent_count(self) -> int:
@@ -172,7 +174,7 @@ class BroadcastResult:
         }
 
 
-class BroadcastCollector:
+class BroadcastCollector(Generic[B]):
     """Collects per-backend outcomes of one live fan-out into a :class:`BroadcastResult`.
 
     ``backends`` are the targets in registration order (duplicates are ignored).
@@ -186,20 +188,20 @@ class BroadcastCollector:
     def __init__(
         self,
         operation: BroadcastOperation,
-        backends: Iterable[Hashable],
+        backends: Iterable[B],
         ack_timeout_s: float = DEFAULT_BROADCAST_ACK_TIMEOUT_S,
     ) -> None:
         self._operation = operation
         self._timeout_s = clamp_duration_s(ack_timeout_s)
-        self._order: dict[Hashable, None] = dict.fromkeys(backends)
-        self._outcomes: dict[Hashable, BroadcastOutcome] = {}
+        self._order: dict[B, None] = dict.fromkeys(backends)
+        self._outcomes: dict[B, BroadcastOutcome[B]] = {}
 
     @property
     def operation(self) -> BroadcastOperation:
         """The operation being broadcast."""
         return self._operation
 
-    def record(self, outcome: BroadcastOutcome) -> bool:
+    def record(self, outcome: BroadcastOutcome[B]) -> bool:
         """Record one backend's outcome; True if it was the first for that backend.
 
         Raises :class:`KeyError` for a backend that is not a target.
@@ -212,12 +214,12 @@ class BroadcastCollector:
         self._outcomes[backend] = outcome
         return True
 
-    def result(self) -> BroadcastResult:
+    def result(self) -> BroadcastResult[B]:
         """The result so far; targets without an outcome count as timed out."""
-        acks: list[BackendAcked] = []
-        timeouts: list[BackendTimedOut] = []
-        failures: list[BackendFailed] = []
-        dead: list[BackendSkippedDead] = []
+        acks: list[BackendAcked[B]] = []
+        timeouts: list[BackendTimedOut[B]] = []
+        failures: list[BackendFailed[B]] = []
+        dead: list[BackendSkippedDead[B]] = []
         for backend in self._order:
             outcome = self._outcomes.get(backend)
             if outcome is None:

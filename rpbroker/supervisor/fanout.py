@@ -47,7 +47,7 @@ async def fan_out(
     *,
     ack_timeout_s: float,
     drain_deadline: float,
-) -> BroadcastResult:
+) -> BroadcastResult[Incarnation]:
     """Send ``operation`` to every target concurrently and collect the outcomes.
 
     One ACK deadline, ``ack_timeout_s`` from now, bounds every wait alike,
@@ -77,7 +77,7 @@ async def _send_one(
     timeout_s: float,
     ack_deadline: float,
     drain_deadline: float,
-) -> BroadcastOutcome:
+) -> BroadcastOutcome[Incarnation]:
     with trio.move_on_at(ack_deadline):
         if incarnation.lifecycle.starting:
             await incarnation.settled.wait()

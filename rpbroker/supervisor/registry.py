@@ -95,6 +95,8 @@ class BackendRegistry:
         self._recovery: CrashRecovery[BackendKey] = CrashRecovery(
             config.recovery_backoff_s, config.recovery_window_s
         )
+        #: Keys that crashed and have not been seen healthy (or serving again) since.
+        self._crashed: set[BackendKey] = set()
         self._unavailable: set[BackendKey] = set()
         self._idle: IdleTracker[Incarnation] = IdleTracker()
         self._idle_changed = trio.Event()
@@ -115,6 +117,10 @@ class BackendRegistry:
         reaped within its bound. ``release`` is called by the broker itself on
         every way out of ``Broker.serve``.
         """
+        # A start cancelled before this task first ran has nothing to host. (Once
+        # shielded, a task that calls started() under a cancelled start() would
+        # stay in start()'s nursery forever: trio then does not move it.)
+        await trio.lowlevel.checkpoint_if_cancelled()
         with self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -261,6 +267,7 @@ class BackendRegistry:
             self._track_idle(incarnation)
             if key in self._unavailable:
                 self._unavailable.discard(key)
+                self._crashed.discard(key)
                 self._emit_key(EventKind.RECOVERED, key, reason="serving again after the window")
 
     def left_service(self, incarnation: Incarnation) -> None:
@@ -274,7 +281,8 @@ class BackendRegistry:
 
     def healthy(self, incarnation: Incarnation) -> None:
         key = incarnation.key
-        if self._recovery.crashes_in_window(key, trio.current_time()) > 0:
+        if key in self._crashed:
+            self._crashed.discard(key)
             self._recovery.record_success(key)
             self._emit_key(
                 EventKind.RECOVERED,
@@ -290,6 +298,7 @@ class BackendRegistry:
         if not isinstance(outcome, Crashed) or self._stopping:
             return
         key = incarnation.key
+        self._crashed.add(key)
         decision = self._recovery.record_crash(key, trio.current_time())
         if isinstance(decision, RetryAfterBackoff):
             self._emit_key(
@@ -386,7 +395,7 @@ class BackendRegistry:
         ack_timeout_s: float | None = None,
         targets: list[Incarnation] | None = None,
         drain_deadline: float | None = None,
-    ) -> BroadcastResult:
+    ) -> BroadcastResult[Incarnation]:
         """Send ``operation`` to every live incarnation (or ``targets``) concurrently.
 
         Each is bounded by one shared ACK deadline, so the call takes about the

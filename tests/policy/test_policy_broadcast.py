@@ -121,7 +121,7 @@ def test_quiesce_result_carries_its_operation() -> None:
 
 
 def test_empty_broadcast() -> None:
-    result = BroadcastCollector(RELEASE, []).result()
+    result = BroadcastCollector[str](RELEASE, []).result()
     assert result == BroadcastResult(RELEASE)
     assert result.sent_count == 0
     assert result.all_live_backends_acked

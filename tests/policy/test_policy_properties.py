@@ -622,7 +622,7 @@ def test_collector_accounts_for_every_backend_once(n: int, arrivals: list[tuple[
         if index >= n:
             continue
         name = backends[index]
-        outcome: BroadcastOutcome
+        outcome: BroadcastOutcome[str]
         if kind == "ack":
             outcome = BackendAcked(name)
         elif kind == "timeout":
