@@ -6,6 +6,7 @@ Embed a broker with ``open_broker`` / ``serve_broker``, connect to a service wit
 
 from __future__ import annotations
 
+from rpbroker._version import __version__
 from rpbroker.broker import Broker, open_broker, serve_broker
 from rpbroker.client import BrokeredStream, Route, connect, open_connection
 from rpbroker.config import BrokerConfig
@@ -22,8 +23,6 @@ from rpbroker.errors import (
 from rpbroker.events import EventKind, LifecycleEvent
 from rpbroker.policy.broadcast import BroadcastResult, Quiesce, QuiesceReason, ReleaseHandles
 from rpbroker.wire.codes import RefusalCode
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendEnvironmentError",

@@ -27,6 +27,7 @@ from typing import TypedDict, Unpack
 import trio
 
 import transports
+from rpbroker._version import __version__
 from rpbroker.errors import (
     BackendUnavailableError,
     BrokerProtocolError,
@@ -66,7 +67,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 30.0
 NEGOTIATION_ATTEMPTS = 2
 #: ``Hello.client_lib_name``.
 CLIENT_LIB_NAME = "rpbroker"
-CLIENT_LIB_VERSION = "0.1.0"
+#: ``Hello.client_lib_version``: the installed rpbroker version.
+CLIENT_LIB_VERSION = __version__
 
 #: Backend endpoints learned from earlier negotiations, for Hello-skip:
 #: (broker endpoint, service, version) -> backend endpoint.

@@ -44,6 +44,7 @@ from transports._unix_paths import (
     mode_is_private,
     new_backend_endpoint,
     runtime_dir,
+    short_temp_dir,
     user_hash,
     verify_private_dir,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "runtime_dir",
+    "short_temp_dir",
     "spawn_child",
     "user_hash",
     "mode_is_private",

@@ -12,7 +12,7 @@ imports on win32. The work is done by one module per concept:
 - ``_windows_passing``: DuplicateHandle into a backend and adoption there;
 - ``_windows_channel``: the inherited control pipe;
 - ``_windows_process``: spawning into a kill-on-close job object;
-- ``_windows_fakes``: test doubles (fake DLLs, IOCP, Popen), never imported here.
+- test doubles (fake DLLs, IOCP, Popen) live in ``tests/transports/windows_fakes.py``.
 
 ``WindowsTransport`` binds those to one ``Win32Api`` and one ``OverlappedIo``; the
 module-level functions use a default instance built from the real DLLs on first
@@ -46,7 +46,12 @@ from transports._windows_channel import (
     create_control_pair,
     open_inherited_channel,
 )
-from transports._windows_dirs import mode_is_private, runtime_dir, verify_private_dir
+from transports._windows_dirs import (
+    mode_is_private,
+    runtime_dir,
+    short_temp_dir,
+    verify_private_dir,
+)
 from transports._windows_names import broker_pipe_path, random_pipe_path, user_hash_of
 from transports._windows_pipes import PipeListener, connect_pipe
 from transports._windows_process import (
@@ -292,6 +297,7 @@ __all__ = [
     "peer_identity",
     "runtime_dir",
     "set_default_transport",
+    "short_temp_dir",
     "spawn_child",
     "user_hash",
     "mode_is_private",
