@@ -17,6 +17,7 @@ from rpbroker.errors import (
     BrokerProtocolError,
     BrokerUnavailableError,
     ConfigError,
+    ConnectArgumentError,
     ConnectTimeoutError,
     RefusedError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "BrokerUnavailableError",
     "BrokeredStream",
     "ConfigError",
+    "ConnectArgumentError",
     "ConnectTimeoutError",
     "EventKind",
     "LifecycleEvent",

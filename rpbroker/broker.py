@@ -61,7 +61,13 @@ from rpbroker.services import (
 )
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
 from rpbroker.wire._pb.broker_v1_pb2 import ErrorCode
-from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
+from rpbroker.wire.codes import (
+    PROTOCOL_VERSION,
+    Capability,
+    FrameKind,
+    RefusalCode,
+    RefusalDetail,
+)
 from rpbroker.wire.frames import (
     EnvelopeFault,
     MalformedMessage,
@@ -108,6 +114,7 @@ def refusal_reply(refusal: Refusal) -> bytes:
         daemon_max_protocol=PROTOCOL_VERSION,
         code=ErrorCode.ValueType(refusal.code),
         retry_after_ms=refusal.retry_after_ms or 0,
+        details=refusal.wire_details(),
     )
     return encode(HelloReply(refused=refused))
 
@@ -454,10 +461,16 @@ class Broker:
         except InvalidServiceName:
             return Refusal(RefusalCode.PEER_REJECTED, "invalid service_name")
         except ServiceNotFound:
-            return Refusal(RefusalCode.SERVICE_UNKNOWN, "service definition was not found")
+            return Refusal(
+                RefusalCode.SERVICE_UNKNOWN,
+                "service definition was not found",
+                details={RefusalDetail.SERVICE_NAME: name},
+            )
         except ServiceLoadError as exc:
             return Refusal(
-                RefusalCode.SERVICE_UNKNOWN, f"service definition could not be loaded: {exc}"
+                RefusalCode.SERVICE_UNKNOWN,
+                f"service definition could not be loaded: {exc}",
+                details={RefusalDetail.SERVICE_NAME: name},
             )
 
     async def _acquire(

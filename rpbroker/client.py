@@ -32,8 +32,15 @@ from rpbroker.errors import (
     BackendUnavailableError,
     BrokerProtocolError,
     BrokerUnavailableError,
+    ConnectArgumentError,
     ConnectTimeoutError,
     RefusedError,
+)
+from rpbroker.policy.hello import (
+    SERVICE_NAME_GRAMMAR,
+    VERSION_GRAMMAR,
+    is_valid_semver,
+    is_valid_service_name,
 )
 from rpbroker.streams import PrefixedStream
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
@@ -117,6 +124,18 @@ def default_broker_endpoint() -> str:
 def forget_cached_endpoints() -> None:
     """Drop every cached backend endpoint (Hello-skip starts from scratch)."""
     _endpoint_cache.clear()
+
+
+def check_service_and_version(service: str, version: str) -> None:
+    """Raise ``ConnectArgumentError`` (a ``ValueError``) unless both match the Hello grammar.
+
+    The same checks the broker applies (``rpbroker.policy.hello``), so a name or
+    version it would refuse with PEER_REJECTED fails here, before any I/O.
+    """
+    if not is_valid_service_name(service):
+        raise ConnectArgumentError("service", service, SERVICE_NAME_GRAMMAR)
+    if not is_valid_semver(version):
+        raise ConnectArgumentError("version", version, VERSION_GRAMMAR)
 
 
 def hello_frame(
@@ -231,7 +250,12 @@ def negotiated_or_raise(reply: HelloReply) -> Negotiated:
             code = RefusalCode(reply.refused.code)
         except ValueError:
             code = RefusalCode.UNSPECIFIED
-        raise RefusedError(code, reply.refused.reason, reply.refused.retry_after_ms or None)
+        raise RefusedError(
+            code,
+            reply.refused.reason,
+            reply.refused.retry_after_ms or None,
+            dict(reply.refused.details),
+        )
     raise BrokerProtocolError("Hello response carries neither negotiated nor refused")
 
 
@@ -284,14 +308,17 @@ async def open_connection(
 ) -> BrokeredStream:
     """Return a stream to ``service`` at ``version``; the caller must close it.
 
-    Raises ``RefusedError`` (with the wire code and retry-after) when the broker
-    refuses, ``BrokerUnavailableError`` when no broker answers,
-    ``BackendUnavailableError`` when the negotiated endpoint cannot be reached, and
-    ``ConnectTimeoutError`` after ``timeout_s``.
+    Raises ``ConnectArgumentError`` (a ``ValueError``) for a malformed
+    ``service`` or ``version`` before any I/O, ``RefusedError`` (with the wire
+    code, retry-after and the broker's details) when the broker refuses,
+    ``BrokerUnavailableError`` when no broker answers, ``BackendUnavailableError``
+    when the negotiated endpoint cannot be reached, and ``ConnectTimeoutError``
+    after ``timeout_s``.
 
     Cancellation: a cancelled call closes every connection it opened; nothing is
     left behind on the client side.
     """
+    check_service_and_version(service, version)
     broker_path = broker or default_broker_endpoint()
     cache_key = (broker_path, service, version)
     try:
@@ -413,6 +440,7 @@ __all__ = [
     "BrokeredStream",
     "ConnectOptions",
     "Route",
+    "check_service_and_version",
     "connect",
     "default_broker_endpoint",
     "forget_cached_endpoints",

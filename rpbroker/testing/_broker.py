@@ -257,7 +257,9 @@ class TestBroker:
         key = BackendKey(spec.instance_id, service, version)
         acquired = await self.broker.backends.acquire(key, spec)
         if isinstance(acquired, Refusal):
-            raise RefusedError(acquired.code, acquired.reason, acquired.retry_after_ms)
+            raise RefusedError(
+                acquired.code, acquired.reason, acquired.retry_after_ms, acquired.wire_details()
+            )
         return self.launcher.by_pid(acquired.pid)
 
     # -- events --------------------------------------------------------------------------

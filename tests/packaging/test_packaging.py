@@ -32,7 +32,7 @@ PYTEST_RUN_TIMEOUT_S = 120
 def test_version_comes_from_the_installed_metadata() -> None:
     installed = importlib.metadata.version("rpbroker")
     assert rpbroker.__version__ == installed
-    assert CLIENT_LIB_VERSION == installed
+    assert installed == CLIENT_LIB_VERSION
     body = hello_frame("svc", "1.0.0", handoff=False)[5:]
     hello = decode(Hello, decode_frame(body).payload)
     assert hello.client_lib_version == installed
@@ -80,7 +80,7 @@ def test_nothing_above_transports_branches_on_the_platform() -> None:
 
 # -- the pytest plugin, loaded by a user's pytest -----------------------------------
 
-USER_TEST = '''
+USER_TEST = """
 import pytest
 import trio
 
@@ -93,7 +93,7 @@ async def test_kit_fixture_serves_a_fake_backend(rpbroker_test_broker):
     stream = await rpbroker_test_broker.connect("echo", "1.0.0", initial_data=b"ping")
     async with stream:
         assert await stream.receive_some(4) == b"ping"
-'''
+"""
 
 
 def _run_user_pytest(
