@@ -222,6 +222,15 @@ async def _read_reply(reader: _FrameReader) -> Negotiated:
         ) from exc
     except (trio.BrokenResourceError, OSError) as exc:
         raise BrokerUnavailableError(f"broker connection failed: {exc}") from exc
+    return negotiated_from_reply_body(body)
+
+
+def negotiated_from_reply_body(body: bytes) -> Negotiated:
+    """The ``Negotiated`` reply in the body of the broker's Hello response frame.
+
+    Raises ``RefusedError`` for a refusal and ``BrokerProtocolError`` for a frame
+    that is not a control-plane RESPONSE carrying a decodable ``HelloReply``.
+    """
     try:
         frame = decode_frame(body)
         fault = check_envelope(
@@ -264,16 +273,26 @@ async def _await_handoff_ready(reader: _FrameReader, token: bytes, timeout_s: fl
     with trio.move_on_after(timeout_s):
         try:
             body = await reader.read_body()
-            frame: Frame = decode_frame(body)
-            if check_envelope(
-                frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF
-            ):
-                return False
-            ack = decode(HandoffAck, frame.payload)
-        except (FramingError, MalformedMessage, trio.BrokenResourceError, OSError):
+        except (FramingError, trio.BrokenResourceError, OSError):
             return False
-        return bytes(ack.token) == token and ack.accepted
+        return is_handoff_ready_event(body, token)
     return False
+
+
+def is_handoff_ready_event(body: bytes, token: bytes) -> bool:
+    """True when a frame body is the handoff-ready EVENT accepting exactly ``token``.
+
+    Anything else (another frame kind or protocol, an undecodable ACK, a rejection,
+    a different token) is False: the client then falls back to reconnecting.
+    """
+    try:
+        frame: Frame = decode_frame(body)
+        if check_envelope(frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF):
+            return False
+        ack = decode(HandoffAck, frame.payload)
+    except MalformedMessage:
+        return False
+    return bytes(ack.token) == token and ack.accepted
 
 
 async def _connect_backend(endpoint: str, initial_data: bytes) -> trio.abc.Stream:
@@ -445,6 +464,8 @@ __all__ = [
     "default_broker_endpoint",
     "forget_cached_endpoints",
     "hello_frame",
+    "is_handoff_ready_event",
+    "negotiated_from_reply_body",
     "negotiated_or_raise",
     "open_connection",
 ]

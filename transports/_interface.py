@@ -65,6 +65,10 @@ class EndpointUnavailableError(TransportError):
     """Connecting failed: nothing listens at the endpoint (missing, refused, reset)."""
 
 
+class PlatformUnsupportedError(TransportError, NotImplementedError):
+    """This platform's transport cannot do what was asked; the message says why."""
+
+
 class FdExhaustedError(TransportError):
     """``accept`` failed with EMFILE/ENFILE: the process or system is out of descriptors."""
 

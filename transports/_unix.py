@@ -28,7 +28,7 @@ import sys
 assert sys.platform != "win32", "transports._unix is the Unix transport"
 
 
-from transports._unix_connect import connect
+from transports._unix_connect import connect, connect_blocking
 from transports._unix_control import (
     UnixChildControl,
     UnixControlChannel,
@@ -63,6 +63,7 @@ __all__ = [
     "UnixListener",
     "broker_endpoint",
     "connect",
+    "connect_blocking",
     "current_user",
     "new_backend_endpoint",
     "open_control_pair",

@@ -28,6 +28,7 @@ never run on a real Windows machine (see ``transports/WINDOWS.md``).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from transports._interface import (
     CONTROL_CHANNEL_ENV,
     ChildControl,
     PeerIdentity,
+    PlatformUnsupportedError,
     TransportError,
 )
 from transports._windows_api import OverlappedIo, TrioOverlappedIo, Win32Api, load_win32_api
@@ -240,6 +242,21 @@ async def connect(path: str) -> PipeStream:
     return await default_transport().connect(path)
 
 
+def connect_blocking(path: str, timeout_s: float | None) -> socket.socket:
+    """Not available on Windows: always raises ``PlatformUnsupportedError``.
+
+    The blocking client returns a ``socket.socket``, and Windows endpoints are
+    named pipes, which are file handles, not sockets; wrapping a pipe in an object
+    that only looks like a socket is not done. Use ``rpbroker.connect`` from trio
+    (``trio.run`` or ``trio.from_thread``) instead.
+    """
+    del timeout_s
+    raise PlatformUnsupportedError(
+        f"blocking connect to {path} is not available on Windows: endpoints are named "
+        "pipes, not sockets; use rpbroker.connect from a trio run instead"
+    )
+
+
 def peer_identity(stream: trio.abc.Stream) -> PeerIdentity:
     """Pid and SID of the process at the other end of a pipe stream."""
     return default_transport().peer_identity(stream)
@@ -287,6 +304,7 @@ __all__ = [
     "WindowsTransport",
     "broker_endpoint",
     "connect",
+    "connect_blocking",
     "current_user",
     "default_transport",
     "new_backend_endpoint",
