@@ -52,6 +52,7 @@ from rpbroker.policy.hello import (
     check_hello_shape,
     negotiated_keepalive,
 )
+from rpbroker.service_manager import ServiceManagerLink
 from rpbroker.services import (
     InvalidServiceName,
     ServiceCatalog,
@@ -156,6 +157,7 @@ class Broker:
         self._stopped = trio.Event()
         self._drain_timeout_s = config.drain_timeout_s
         self._nursery: trio.Nursery | None = None
+        self._service_manager = ServiceManagerLink(config)
 
     # -- public API ---------------------------------------------------------------
 
@@ -222,7 +224,8 @@ class Broker:
         graceful shutdown (shielded, bounded by the drain timeout), then kills any
         backend still alive; no descriptor, task or child process is left.
         """
-        listener = await transports.open_listener(self.socket_path)
+        listener = await self._service_manager.open_listener(self.socket_path)
+        self.socket_path = listener.path  # an inherited socket has its own
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -233,6 +236,7 @@ class Broker:
                     nursery.start_soon(self._accept_loop, listener)
                     self._accepting = True
                     self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
+                    self._service_manager.ready(self.socket_path)
                     task_status.started(self)
                     try:
                         await self._stop_requested.wait()
@@ -260,6 +264,7 @@ class Broker:
         self.events.emit(
             EventKind.BROKER_STOPPING, drain_timeout_ms=int(self._drain_timeout_s * 1000)
         )
+        self._service_manager.stopping(self._drain_timeout_s)
         await listener.aclose()
         await self.backends.stop_all(self._drain_timeout_s)
 

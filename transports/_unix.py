@@ -12,6 +12,7 @@ Each concept lives in its own module:
 - ``_unix_fdpass``: sending a descriptor with its token;
 - ``_unix_control``: the framed broker-to-backend socketpair;
 - ``_unix_spawn``: children in their own process group with a parent-death signal;
+- ``_unix_systemd``: the socket systemd passes and the ``sd_notify`` messages;
 - ``_unix_fds``: descriptor counting and closing helpers.
 
 What it does not do: anything on Windows (``transports._windows``), or speak
@@ -50,6 +51,7 @@ from transports._unix_paths import (
 )
 from transports._unix_peer import peer_identity
 from transports._unix_spawn import UnixChildProcess, spawn_child
+from transports._unix_systemd import UnixServiceNotifier, inherited_listener, service_notifier
 
 #: Name of this transport, for logs and diagnostics.
 PLATFORM_NAME = "unix"
@@ -61,10 +63,12 @@ __all__ = [
     "UnixChildProcess",
     "UnixControlChannel",
     "UnixListener",
+    "UnixServiceNotifier",
     "broker_endpoint",
     "connect",
     "connect_blocking",
     "current_user",
+    "inherited_listener",
     "new_backend_endpoint",
     "open_control_pair",
     "open_fd_count",
@@ -72,6 +76,7 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "runtime_dir",
+    "service_notifier",
     "short_temp_dir",
     "spawn_child",
     "user_hash",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import trio
@@ -37,6 +37,8 @@ import trio
 from transports._interface import (
     CONTROL_CHANNEL_ENV,
     ChildControl,
+    Listener,
+    NotifyDelivery,
     PeerIdentity,
     PlatformUnsupportedError,
     TransportError,
@@ -257,6 +259,35 @@ def connect_blocking(path: str, timeout_s: float | None) -> socket.socket:
     )
 
 
+def inherited_listener(environ: MutableMapping[str, str] | None = None) -> Listener | None:
+    """No socket activation on Windows: always ``None`` (``environ`` is not read)."""
+    del environ
+    return None
+
+
+class NoServiceManager:
+    """A ``ServiceNotifier`` for Windows: every call reports ``NO_SERVICE_MANAGER``.
+
+    Windows services report to the Service Control Manager through an API this
+    transport does not implement; a broker run as a Windows service reports nothing.
+    """
+
+    def ready(self, status: str) -> NotifyDelivery:
+        return NotifyDelivery.NO_SERVICE_MANAGER
+
+    def stopping(self, status: str) -> NotifyDelivery:
+        return NotifyDelivery.NO_SERVICE_MANAGER
+
+    def status(self, status: str) -> NotifyDelivery:
+        return NotifyDelivery.NO_SERVICE_MANAGER
+
+
+def service_notifier(environ: MutableMapping[str, str] | None = None) -> NoServiceManager:
+    """The (no-op) notifier for this process; ``environ`` is not read."""
+    del environ
+    return NoServiceManager()
+
+
 def peer_identity(stream: trio.abc.Stream) -> PeerIdentity:
     """Pid and SID of the process at the other end of a pipe stream."""
     return default_transport().peer_identity(stream)
@@ -305,8 +336,10 @@ __all__ = [
     "broker_endpoint",
     "connect",
     "connect_blocking",
+    "NoServiceManager",
     "current_user",
     "default_transport",
+    "inherited_listener",
     "new_backend_endpoint",
     "open_control_pair",
     "open_fd_count",
@@ -314,6 +347,7 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "runtime_dir",
+    "service_notifier",
     "set_default_transport",
     "short_temp_dir",
     "spawn_child",
