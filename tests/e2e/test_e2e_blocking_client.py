@@ -83,6 +83,9 @@ async def test_handoff_route_returns_the_connection_the_hello_went_out_on(
     assert route is rpbroker.Route.HANDOFF
     assert peer == broker.socket_path
     assert connection_id >= 1
+    # The backend ACKs the broker off the client's path: wait for the broker's side.
+    with trio.fail_after(HANG_GUARD_S):
+        await broker.wait_connections_closed()
     assert [e.kind for e in broker.recent_events()].count(EventKind.HANDOFF_COMPLETED) == 1
 
 
