@@ -48,6 +48,7 @@ from rpbroker.client import (
 )
 from rpbroker.errors import (
     BackendUnavailableError,
+    BrokerError,
     BrokerProtocolError,
     BrokerUnavailableError,
     ConnectTimeoutError,
@@ -172,18 +173,26 @@ def _send(sock: socket.socket, data: bytes, deadline: _Deadline) -> None:
     sock.sendall(data)
 
 
-def _connect(endpoint: str, deadline: _Deadline) -> socket.socket:
-    """``transports.connect_blocking`` within the deadline (``TransportError`` passes)."""
-    return transports.connect_blocking(endpoint, deadline.remaining_s())
+def _connect(
+    endpoint: str, deadline: _Deadline, unreachable: type[BrokerError], what: str
+) -> socket.socket:
+    """``transports.connect_blocking`` within the deadline.
 
-
-def _connect_backend(endpoint: str, initial_data: bytes, deadline: _Deadline) -> socket.socket:
+    A transport error becomes ``unreachable(what: error)``; ``TimeoutError`` and
+    ``PlatformUnsupportedError`` pass unchanged.
+    """
     try:
-        sock = _connect(endpoint, deadline)
+        return transports.connect_blocking(endpoint, deadline.remaining_s())
     except transports.PlatformUnsupportedError:
         raise
     except transports.TransportError as exc:
-        raise BackendUnavailableError(f"backend endpoint {endpoint} is unreachable: {exc}") from exc
+        raise unreachable(f"{what}: {exc}") from exc
+
+
+def _connect_backend(endpoint: str, initial_data: bytes, deadline: _Deadline) -> socket.socket:
+    sock = _connect(
+        endpoint, deadline, BackendUnavailableError, f"backend endpoint {endpoint} is unreachable"
+    )
     try:
         if initial_data:
             _send(sock, initial_data, deadline)
@@ -299,12 +308,9 @@ class BlockingClient:
         self, key: CacheKey, hello: bytes, settings: _Settings, deadline: _Deadline
     ) -> BrokeredSocket:
         broker_path = key[0]
-        try:
-            sock = _connect(broker_path, deadline)
-        except transports.PlatformUnsupportedError:
-            raise
-        except transports.TransportError as exc:
-            raise BrokerUnavailableError(f"no broker at {broker_path}: {exc}") from exc
+        sock = _connect(
+            broker_path, deadline, BrokerUnavailableError, f"no broker at {broker_path}"
+        )
         keep = False
         try:
             # As in the async client: the request rides right behind the Hello when

@@ -62,13 +62,7 @@ from rpbroker.services import (
 )
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
 from rpbroker.wire._pb.broker_v1_pb2 import ErrorCode
-from rpbroker.wire.codes import (
-    PROTOCOL_VERSION,
-    Capability,
-    FrameKind,
-    RefusalCode,
-    RefusalDetail,
-)
+from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode, RefusalDetail
 from rpbroker.wire.frames import (
     EnvelopeFault,
     MalformedMessage,
