@@ -1,11 +1,15 @@
 """rpbroker: a trio-native, local-IPC service broker speaking running-process broker v1.
 
 Embed a broker with ``open_broker`` / ``serve_broker``, connect to a service with
-``connect``, and write backends with ``rpbroker.backend.serve_backend``.
+``connect`` (trio) or ``BlockingClient`` / ``connect_blocking`` (any thread, plain
+sockets), and write backends with ``rpbroker.backend.serve_backend``.
 """
 
 from __future__ import annotations
 
+from rpbroker._version import __version__
+from rpbroker.blocking import BlockingClient, BrokeredSocket
+from rpbroker.blocking import connect as connect_blocking
 from rpbroker.broker import Broker, open_broker, serve_broker
 from rpbroker.client import BrokeredStream, Route, connect, open_connection
 from rpbroker.config import BrokerConfig
@@ -16,6 +20,7 @@ from rpbroker.errors import (
     BrokerProtocolError,
     BrokerUnavailableError,
     ConfigError,
+    ConnectArgumentError,
     ConnectTimeoutError,
     RefusedError,
 )
@@ -23,19 +28,20 @@ from rpbroker.events import EventKind, LifecycleEvent
 from rpbroker.policy.broadcast import BroadcastResult, Quiesce, QuiesceReason, ReleaseHandles
 from rpbroker.wire.codes import RefusalCode
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BackendEnvironmentError",
     "BackendUnavailableError",
+    "BlockingClient",
     "BroadcastResult",
     "Broker",
     "BrokerConfig",
     "BrokerError",
     "BrokerProtocolError",
     "BrokerUnavailableError",
+    "BrokeredSocket",
     "BrokeredStream",
     "ConfigError",
+    "ConnectArgumentError",
     "ConnectTimeoutError",
     "EventKind",
     "LifecycleEvent",
@@ -47,6 +53,7 @@ __all__ = [
     "Route",
     "__version__",
     "connect",
+    "connect_blocking",
     "open_broker",
     "open_connection",
     "serve_broker",

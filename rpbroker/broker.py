@@ -48,6 +48,7 @@ from rpbroker.policy.hello import (
     negotiated_keepalive,
 )
 from rpbroker.policy.lifecycle import DEFAULT_TERMINATE_GRACE_S
+from rpbroker.service_manager import ServiceManagerLink
 from rpbroker.services import (
     InvalidServiceName,
     ServiceCatalog,
@@ -59,7 +60,7 @@ from rpbroker.supervisor import BackendKey, BackendRegistry, Incarnation
 from rpbroker.supervisor.incarnation import REAP_TIMEOUT_S
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
 from rpbroker.wire._pb.broker_v1_pb2 import ErrorCode
-from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
+from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode, RefusalDetail
 from rpbroker.wire.frames import (
     EnvelopeFault,
     MalformedMessage,
@@ -106,6 +107,7 @@ def refusal_reply(refusal: Refusal) -> bytes:
         daemon_max_protocol=PROTOCOL_VERSION,
         code=ErrorCode.ValueType(refusal.code),
         retry_after_ms=refusal.retry_after_ms or 0,
+        details=refusal.wire_details(),
     )
     return encode(HelloReply(refused=refused))
 
@@ -148,6 +150,7 @@ class Broker:
         self._drain_timeout_s = config.drain_timeout_s
         # Bounds the graceful stop; ``force_stop`` cancels it.
         self._stop_scope = trio.CancelScope()
+        self._service_manager = ServiceManagerLink(config)
 
     # -- public API ---------------------------------------------------------------
 
@@ -245,10 +248,11 @@ class Broker:
         is left, and the call returns.
         """
         try:
-            listener = await transports.open_listener(self.socket_path)
+            listener = await self._service_manager.open_listener(self.socket_path)
         except BaseException:
             self._finish_stopped()
             raise
+        self.socket_path = listener.path  # an inherited socket has its own
         try:
             with single_exception_as_itself():
                 await self._serve_on(listener, task_status)
@@ -268,6 +272,7 @@ class Broker:
                 nursery.start_soon(self._accept_loop, listener, nursery)
                 self._accepting = True
                 self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
+                self._service_manager.ready(self.socket_path)
                 task_status.started(self)
                 await self._stop_requested.wait()
             finally:
@@ -297,6 +302,7 @@ class Broker:
         self._stopping.set()
         drain_s = self._drain_timeout_s
         self.events.emit(EventKind.BROKER_STOPPING, drain_timeout_ms=int(drain_s * 1000))
+        self._service_manager.stopping(drain_s)
         await listener.aclose()
         drain_deadline = trio.current_time() + drain_s
         with self._stop_scope:
@@ -509,10 +515,16 @@ class Broker:
         except InvalidServiceName:
             return Refusal(RefusalCode.PEER_REJECTED, "invalid service_name")
         except ServiceNotFound:
-            return Refusal(RefusalCode.SERVICE_UNKNOWN, "service definition was not found")
+            return Refusal(
+                RefusalCode.SERVICE_UNKNOWN,
+                "service definition was not found",
+                details={RefusalDetail.SERVICE_NAME: name},
+            )
         except ServiceLoadError as exc:
             return Refusal(
-                RefusalCode.SERVICE_UNKNOWN, f"service definition could not be loaded: {exc}"
+                RefusalCode.SERVICE_UNKNOWN,
+                f"service definition could not be loaded: {exc}",
+                details={RefusalDetail.SERVICE_NAME: name},
             )
 
     async def _acquire(

@@ -2,9 +2,10 @@
 
 What this module does: maps command-line flags onto ``BrokerConfig`` and runs a
 broker in the foreground (SIGINT/SIGTERM shut it down gracefully and remove the
-socket file), and sends admin verbs and broadcast requests to a running broker,
-printing the reply (JSON with ``--json`` where it applies) and exiting with the
-reply's exit code.
+socket file; under systemd it serves the socket passed to it, leaves that file in
+place, and reports readiness with ``sd_notify``), and sends admin verbs and
+broadcast requests to a running broker, printing the reply (JSON with
+``--json`` where it applies) and exiting with the reply's exit code.
 
 What it does not do: daemonise, or read configuration files other than the
 service definitions the broker itself loads.
@@ -26,7 +27,7 @@ import trio
 import transports
 from rpbroker.admin_client import admin_request, broadcast_request
 from rpbroker.broker import Broker, serve_broker
-from rpbroker.config import BrokerConfig
+from rpbroker.config import BrokerConfig, ServiceManager
 from rpbroker.errors import BrokerError
 from rpbroker.policy.broadcast import BroadcastOperation, Quiesce, QuiesceReason, ReleaseHandles
 from rpbroker.services import ServiceLoadError
@@ -51,7 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a broker in the foreground")
-    serve.add_argument("--socket", required=True, help="broker endpoint path")
+    serve.add_argument(
+        "--socket",
+        default=None,
+        help="broker endpoint path (default: the socket systemd passed, else the per-user "
+        "shared endpoint)",
+    )
     serve.add_argument(
         "--services", required=True, help="service definitions directory (mode 0700)"
     )
@@ -149,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 drain_timeout_s=args.drain_timeout,
                 handoff_enabled=not args.no_handoff,
                 hello_rate_limit=args.hello_rate_limit,
+                # Socket activation and sd_notify when systemd started us; inert otherwise.
+                service_manager=ServiceManager.SYSTEMD,
             )
             trio.run(_serve, config)
             return 0

@@ -24,15 +24,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict, Unpack
 
+import attrs
 import trio
 
 import transports
+from rpbroker._version import __version__
 from rpbroker.errors import (
     BackendUnavailableError,
     BrokerProtocolError,
     BrokerUnavailableError,
+    ConnectArgumentError,
     ConnectTimeoutError,
     RefusedError,
+)
+from rpbroker.policy.hello import (
+    SERVICE_NAME_GRAMMAR,
+    VERSION_GRAMMAR,
+    is_valid_semver,
+    is_valid_service_name,
 )
 from rpbroker.streams import PrefixedStream
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
@@ -72,7 +81,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 30.0
 NEGOTIATION_ATTEMPTS = 2
 #: ``Hello.client_lib_name``.
 CLIENT_LIB_NAME = "rpbroker"
-CLIENT_LIB_VERSION = "0.1.0"
+#: ``Hello.client_lib_version``: the installed rpbroker version.
+CLIENT_LIB_VERSION = __version__
 
 #: Backend endpoints learned from earlier negotiations, for Hello-skip:
 #: (broker endpoint, service, version) -> backend endpoint.
@@ -121,6 +131,18 @@ def default_broker_endpoint() -> str:
 def forget_cached_endpoints() -> None:
     """Drop every cached backend endpoint (Hello-skip starts from scratch)."""
     _endpoint_cache.clear()
+
+
+def check_service_and_version(service: str, version: str) -> None:
+    """Raise ``ConnectArgumentError`` (a ``ValueError``) unless both match the Hello grammar.
+
+    The same checks the broker applies (``rpbroker.policy.hello``), so a name or
+    version it would refuse with PEER_REJECTED fails here, before any I/O.
+    """
+    if not is_valid_service_name(service):
+        raise ConnectArgumentError("service", service, SERVICE_NAME_GRAMMAR)
+    if not is_valid_semver(version):
+        raise ConnectArgumentError("version", version, VERSION_GRAMMAR)
 
 
 def hello_frame(
@@ -198,8 +220,8 @@ class _FrameReader:
         return bytes(self._buffer)
 
 
-async def _read_reply(reader: _FrameReader) -> tuple[Negotiated, int]:
-    """The broker's ``Negotiated`` and its frame's ``deadline_unix_ms`` (0: none)."""
+async def _read_reply(reader: _FrameReader) -> NegotiatedReply:
+    """The broker's ``Negotiated`` reply, with the adoption deadline its frame states."""
     try:
         body = await reader.read_body()
     except FramingError as exc:
@@ -208,6 +230,39 @@ async def _read_reply(reader: _FrameReader) -> tuple[Negotiated, int]:
         ) from exc
     except (trio.BrokenResourceError, OSError) as exc:
         raise BrokerUnavailableError(f"broker connection failed: {exc}") from exc
+    return negotiated_from_reply_body(body)
+
+
+@attrs.frozen
+class NegotiatedReply:
+    """The broker's ``Negotiated`` and the adoption deadline of its frame.
+
+    ``adopt_by_unix_ms`` is the frame's ``deadline_unix_ms``: with a handoff, the
+    wall-clock time after which the backend never adopts (0: not stated, as from
+    the reference broker).
+    """
+
+    negotiated: Negotiated
+    adopt_by_unix_ms: int
+
+    def handoff_wait_s(self, default_s: float) -> float:
+        """How long to wait for the handoff-ready EVENT.
+
+        With an adoption deadline: until it plus ``HANDOFF_EVENT_GRACE_S`` (the
+        backend never adopts after it, so ``initial_data`` re-sent after this
+        wait is never delivered twice). Without one: ``default_s``.
+        """
+        if not self.adopt_by_unix_ms:
+            return default_s
+        return max(0.0, self.adopt_by_unix_ms / 1000 - time.time()) + HANDOFF_EVENT_GRACE_S
+
+
+def negotiated_from_reply_body(body: bytes) -> NegotiatedReply:
+    """The ``Negotiated`` reply in the body of the broker's Hello response frame.
+
+    Raises ``RefusedError`` for a refusal and ``BrokerProtocolError`` for a frame
+    that is not a control-plane RESPONSE carrying a decodable ``HelloReply``.
+    """
     try:
         frame = decode_frame(body)
         fault = check_envelope(
@@ -218,7 +273,7 @@ async def _read_reply(reader: _FrameReader) -> tuple[Negotiated, int]:
         reply = decode(HelloReply, frame.payload)
     except MalformedMessage as exc:
         raise BrokerProtocolError(f"undecodable Hello response: {exc}") from exc
-    return negotiated_or_raise(reply), frame.deadline_unix_ms
+    return NegotiatedReply(negotiated_or_raise(reply), frame.deadline_unix_ms)
 
 
 def negotiated_or_raise(reply: HelloReply) -> Negotiated:
@@ -236,7 +291,12 @@ def negotiated_or_raise(reply: HelloReply) -> Negotiated:
             code = RefusalCode(reply.refused.code)
         except ValueError:
             code = RefusalCode.UNSPECIFIED
-        raise RefusedError(code, reply.refused.reason, reply.refused.retry_after_ms or None)
+        raise RefusedError(
+            code,
+            reply.refused.reason,
+            reply.refused.retry_after_ms or None,
+            dict(reply.refused.details),
+        )
     raise BrokerProtocolError("Hello response carries neither negotiated nor refused")
 
 
@@ -245,28 +305,26 @@ async def _await_handoff_ready(reader: _FrameReader, token: bytes, timeout_s: fl
     with trio.move_on_after(timeout_s):
         try:
             body = await reader.read_body()
-            frame: Frame = decode_frame(body)
-            if check_envelope(
-                frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF
-            ):
-                return False
-            ack = decode(HandoffAck, frame.payload)
-        except (FramingError, MalformedMessage, trio.BrokenResourceError, OSError):
+        except (FramingError, trio.BrokenResourceError, OSError):
             return False
-        return bytes(ack.token) == token and ack.accepted
+        return is_handoff_ready_event(body, token)
     return False
 
 
-def _handoff_wait_s(adopt_by_unix_ms: int, default_s: float) -> float:
-    """How long to wait for the handoff-ready EVENT.
+def is_handoff_ready_event(body: bytes, token: bytes) -> bool:
+    """True when a frame body is the handoff-ready EVENT accepting exactly ``token``.
 
-    With an adoption deadline from the broker: until that deadline plus the
-    grace (the backend never adopts after it, so ``initial_data`` re-sent after
-    this wait is never delivered twice). Without one: ``default_s``.
+    Anything else (another frame kind or protocol, an undecodable ACK, a rejection,
+    a different token) is False: the client then falls back to reconnecting.
     """
-    if not adopt_by_unix_ms:
-        return default_s
-    return max(0.0, adopt_by_unix_ms / 1000 - time.time()) + HANDOFF_EVENT_GRACE_S
+    try:
+        frame: Frame = decode_frame(body)
+        if check_envelope(frame, kind=FrameKind.EVENT, payload_protocol=PayloadProtocol.HANDOFF):
+            return False
+        ack = decode(HandoffAck, frame.payload)
+    except MalformedMessage:
+        return False
+    return bytes(ack.token) == token and ack.accepted
 
 
 async def _connect_backend(endpoint: str, initial_data: bytes) -> trio.abc.Stream:
@@ -301,14 +359,17 @@ async def open_connection(
 ) -> BrokeredStream:
     """Return a stream to ``service`` at ``version``; the caller must close it.
 
-    Raises ``RefusedError`` (with the wire code and retry-after) when the broker
-    refuses, ``BrokerUnavailableError`` when no broker answers,
-    ``BackendUnavailableError`` when the negotiated endpoint cannot be reached, and
-    ``ConnectTimeoutError`` after ``timeout_s``.
+    Raises ``ConnectArgumentError`` (a ``ValueError``) for a malformed
+    ``service`` or ``version`` before any I/O, ``RefusedError`` (with the wire
+    code, retry-after and the broker's details) when the broker refuses,
+    ``BrokerUnavailableError`` when no broker answers, ``BackendUnavailableError``
+    when the negotiated endpoint cannot be reached, and ``ConnectTimeoutError``
+    after ``timeout_s``.
 
     Cancellation: a cancelled call closes every connection it opened; nothing is
     left behind on the client side.
     """
+    check_service_and_version(service, version)
     broker_path = broker or default_broker_endpoint()
     cache_key = (broker_path, service, version)
     try:
@@ -372,14 +433,15 @@ async def _negotiate(
         # handed off; the broker reads exactly one frame and leaves it in place.
         await stream.send_all(hello + initial_data if handoff else hello)
         reader = _FrameReader(stream)
-        negotiated, adopt_by_ms = await _read_reply(reader)
+        reply = await _read_reply(reader)
+        negotiated = reply.negotiated
         token = bytes(negotiated.handle_passed_token)
         if (
             handoff
             and negotiated.server_capabilities & Capability.HANDLE_PASSING
             and token
             and await _await_handoff_ready(
-                reader, token, _handoff_wait_s(adopt_by_ms, handoff_ready_timeout_s)
+                reader, token, reply.handoff_wait_s(handoff_ready_timeout_s)
             )
         ):
             keep = True
@@ -432,10 +494,13 @@ __all__ = [
     "BrokeredStream",
     "ConnectOptions",
     "Route",
+    "check_service_and_version",
     "connect",
     "default_broker_endpoint",
     "forget_cached_endpoints",
     "hello_frame",
+    "is_handoff_ready_event",
+    "negotiated_from_reply_body",
     "negotiated_or_raise",
     "open_connection",
 ]

@@ -10,6 +10,7 @@ onto this class), or hold runtime state.
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ DEFAULT_DRAIN_TIMEOUT_S = 10.0
 DEFAULT_HANDOFF_ADOPT_WINDOW_S = 1.5
 #: Lifecycle events kept in memory for admin DUMP.
 DEFAULT_EVENT_LOG_SIZE = 512
+
+
+class ServiceManager(enum.Enum):
+    """Which service manager the broker cooperates with."""
+
+    #: None: bind ``socket_path``, report to nobody (the default when embedding).
+    NONE = "none"
+    #: systemd: serve the socket it passed (``LISTEN_FDS``) when there is one, else
+    #: bind as usual; report readiness and shutdown to ``$NOTIFY_SOCKET`` when set.
+    #: Without those variables it behaves like ``NONE``.
+    SYSTEMD = "systemd"
 
 
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -62,6 +74,9 @@ class BrokerConfig:
     private to the user (mode 0700). ``socket_path`` is the broker endpoint; ``None``
     uses the per-user shared endpoint in the runtime directory. ``runtime_dir`` is
     where backend endpoints are created; ``None`` uses the per-user runtime directory.
+    ``service_manager`` is ``ServiceManager.SYSTEMD`` for socket activation and
+    readiness notification (``rpbroker serve`` sets it); with an inherited socket,
+    ``socket_path`` may be left ``None`` (or must name that socket).
     """
 
     services_dir: Path = attrs.field(converter=_as_path)
@@ -95,3 +110,4 @@ class BrokerConfig:
     event_log_size: int = attrs.field(default=DEFAULT_EVENT_LOG_SIZE, validator=_positive_int)
     instance_name: str = "shared"
     backend_env: dict[str, str] = attrs.field(factory=dict)
+    service_manager: ServiceManager = ServiceManager.NONE

@@ -65,6 +65,26 @@ class EndpointUnavailableError(TransportError):
     """Connecting failed: nothing listens at the endpoint (missing, refused, reset)."""
 
 
+class PlatformUnsupportedError(TransportError, NotImplementedError):
+    """This platform's transport cannot do what was asked; the message says why."""
+
+
+class SocketActivationError(TransportError):
+    """The service manager's environment (``LISTEN_*``, ``NOTIFY_SOCKET``) cannot be used.
+
+    The message names the variable or descriptor, what is wrong and the fix.
+    """
+
+
+class NotifyDelivery(enum.Enum):
+    """What became of a service-manager notification."""
+
+    #: Handed to the service manager's notification socket.
+    SENT = "sent"
+    #: No service manager listens (``NOTIFY_SOCKET`` unset, or not on this platform).
+    NO_SERVICE_MANAGER = "no-service-manager"
+
+
 class FdExhaustedError(TransportError):
     """``accept`` failed with EMFILE/ENFILE: the process or system is out of descriptors."""
 
@@ -187,6 +207,27 @@ class Listener(Protocol):
     async def accept(self) -> trio.abc.Stream: ...
 
     async def aclose(self) -> None: ...
+
+
+class ServiceNotifier(Protocol):
+    """Tells the service manager (systemd's ``sd_notify`` protocol) how the service is doing.
+
+    Each call sends one message and returns at once; it raises ``TransportError``
+    when the service manager's socket refuses it. ``status`` is free text (newlines
+    become spaces).
+    """
+
+    def ready(self, status: str) -> NotifyDelivery:
+        """``READY=1`` with a ``STATUS=`` line: the service accepts work now."""
+        ...
+
+    def stopping(self, status: str) -> NotifyDelivery:
+        """``STOPPING=1`` with a ``STATUS=`` line: shutdown has begun."""
+        ...
+
+    def status(self, status: str) -> NotifyDelivery:
+        """A ``STATUS=`` line alone."""
+        ...
 
 
 class ControlChannel(Protocol):

@@ -13,7 +13,8 @@ Each concept lives in its own module:
 - ``_unix_control``: the framed broker-to-backend socketpair;
 - ``_unix_spawn``: children in their own process group with a parent-death signal;
 - ``_unix_fds``: descriptor counting, listing and closing helpers;
-- ``_unix_children``: this process's unreaped children, from ``/proc``.
+- ``_unix_children``: this process's unreaped children, from ``/proc``;
+- ``_unix_systemd``: the socket systemd passes and the ``sd_notify`` messages.
 
 What it does not do: anything on Windows (``transports._windows``), or speak
 protobuf, or apply policy.
@@ -30,7 +31,7 @@ assert sys.platform != "win32", "transports._unix is the Unix transport"
 
 
 from transports._unix_children import child_processes
-from transports._unix_connect import connect
+from transports._unix_connect import connect, connect_blocking
 from transports._unix_control import (
     UnixChildControl,
     UnixControlChannel,
@@ -46,11 +47,13 @@ from transports._unix_paths import (
     mode_is_private,
     new_backend_endpoint,
     runtime_dir,
+    short_temp_dir,
     user_hash,
     verify_private_dir,
 )
 from transports._unix_peer import peer_identity
 from transports._unix_spawn import UnixChildProcess, spawn_child
+from transports._unix_systemd import UnixServiceNotifier, inherited_listener, service_notifier
 
 #: Name of this transport, for logs and diagnostics.
 PLATFORM_NAME = "unix"
@@ -62,10 +65,13 @@ __all__ = [
     "UnixChildProcess",
     "UnixControlChannel",
     "UnixListener",
+    "UnixServiceNotifier",
     "broker_endpoint",
     "child_processes",
     "connect",
+    "connect_blocking",
     "current_user",
+    "inherited_listener",
     "new_backend_endpoint",
     "open_control_pair",
     "fd_usage_ratio",
@@ -75,6 +81,8 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "runtime_dir",
+    "service_notifier",
+    "short_temp_dir",
     "spawn_child",
     "user_hash",
     "mode_is_private",

@@ -1,14 +1,17 @@
-"""Connecting to a Unix socket path as a trio stream.
+"""Connecting to a Unix socket path: as a trio stream, or blocking for code that is not trio.
 
 What this module does: ``connect`` opens a nonblocking ``AF_UNIX`` stream
 connection and maps "nobody listens here" (missing path, refused, reset, not a
 socket) to ``EndpointUnavailableError``. When the listener's backlog is full,
 Linux refuses a nonblocking connect with EAGAIN and offers no readiness event for
 "the backlog has room again"; ``connect`` then retries with a short, capped
-back-off for as long as the caller's cancel scope allows.
+back-off for as long as the caller's cancel scope allows. ``connect_blocking`` does
+the same with blocking calls and a timeout, in any thread, without a trio run, and
+returns a plain ``socket.socket``.
 
 What it does not do: check who listens (callers may use ``peer_identity``), apply
-a timeout of its own, or start a broker when none is running.
+a timeout of its own to ``connect`` (its caller's cancel scope bounds it), or start
+a broker when none is running.
 """
 
 # ruff: noqa: E402
@@ -23,6 +26,7 @@ assert sys.platform != "win32", "transports._unix_connect is part of the Unix tr
 import errno
 import os
 import socket
+import time
 
 import trio
 
@@ -97,3 +101,40 @@ async def connect(path: str) -> trio.SocketStream:
     stream = trio.SocketStream(trio_sock)
     await trio.lowlevel.cancel_shielded_checkpoint()
     return stream
+
+
+def connect_blocking(path: str, timeout_s: float | None) -> socket.socket:
+    """Connect to the ``AF_UNIX`` stream socket at ``path`` with blocking calls.
+
+    Waits at most ``timeout_s`` seconds (``None``: no limit), including while the
+    listener's backlog is full, and raises the builtin ``TimeoutError`` after it.
+    Otherwise raises what ``connect`` raises. Returns a blocking, close-on-exec
+    socket whose timeout is ``timeout_s``. On any failure the socket is closed.
+    """
+    check_sun_path(path)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        delay = _BACKLOG_RETRY_FIRST_S
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"connecting to {path} timed out (its backlog stayed full)")
+            sock.settimeout(remaining)
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                # EAGAIN: the backlog is full (a socket with a timeout connects
+                # nonblocking underneath); as in ``connect``, nothing wakes us.
+                time.sleep(delay if remaining is None else min(delay, remaining))
+                delay = min(delay * 2, _BACKLOG_RETRY_MAX_S)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                raise _unavailable(path, exc) from exc
+            else:
+                sock.settimeout(timeout_s)
+                return sock
+    except BaseException:
+        sock.close()
+        raise

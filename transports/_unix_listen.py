@@ -7,7 +7,8 @@ a socket file, owned by the euid, that refuses connections; only then it is
 unlinked (stale cleanup after a crash). ``UnixListener.accept`` yields
 ``trio.SocketStream`` objects and reports descriptor exhaustion as
 ``FdExhaustedError``; ``aclose`` removes the socket file only if it is still the
-inode this listener bound.
+inode this listener bound. A listener over a socket that another process bound
+(socket activation, ``transports._unix_systemd``) never removes the file.
 
 What it does not do: check the credentials of accepted peers (the broker calls
 ``peer_identity``), read from accepted connections, or retry after EMFILE (the
@@ -58,9 +59,16 @@ _FD_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class UnixListener:
-    """A bound, listening ``AF_UNIX`` stream socket (implements ``Listener``)."""
+    """A bound, listening ``AF_UNIX`` stream socket (implements ``Listener``).
 
-    def __init__(self, sock: trio.socket.SocketType, path: str, inode: tuple[int, int]) -> None:
+    ``inode`` is the (st_dev, st_ino) of the socket file this listener created,
+    removed again by ``aclose``; ``None`` for a socket bound by someone else (an
+    inherited one), whose file is left alone.
+    """
+
+    def __init__(
+        self, sock: trio.socket.SocketType, path: str, inode: tuple[int, int] | None
+    ) -> None:
         self._sock = sock
         self._path = path
         self._inode = inode
@@ -101,14 +109,15 @@ class UnixListener:
             return trio.SocketStream(conn)
 
     async def aclose(self) -> None:
-        """Stop listening and remove the socket file if it is still ours. Idempotent.
+        """Stop listening and remove the socket file if this listener created it. Idempotent.
 
         Cancellation: the listener is closed even if the call is cancelled.
         """
         if not self._closed:
             self._closed = True
             self._sock.close()  # wakes a pending accept with ClosedResourceError
-            _unlink_if_same_inode(self._path, self._inode)
+            if self._inode is not None:
+                _unlink_if_same_inode(self._path, self._inode)
         await trio.lowlevel.checkpoint()
 
 

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from transports._interface import EndpointNameError, InsecurePathError
@@ -226,6 +227,19 @@ def new_backend_endpoint(directory: Path | None = None) -> str:
         check_sun_path(path)
         if not os.path.lexists(path):
             return path
+
+
+def short_temp_dir() -> Path:
+    """A base for temporary directories that will hold sockets: ``/tmp`` when present.
+
+    The usual temporary directory can be too long for ``sun_path`` once a socket
+    name is appended (macOS ``$TMPDIR`` is ``/var/folders/...``, pytest's
+    ``tmp_path`` is deeper still), so ``/tmp`` wins wherever it exists; otherwise
+    ``tempfile.gettempdir()``. Nothing is created.
+    """
+    if os.path.isdir("/tmp"):
+        return Path("/tmp")
+    return Path(tempfile.gettempdir())
 
 
 def mode_is_private(mode: int) -> bool:

@@ -12,7 +12,7 @@ imports on win32. The work is done by one module per concept:
 - ``_windows_passing``: DuplicateHandle into a backend and adoption there;
 - ``_windows_channel``: the inherited control pipe;
 - ``_windows_process``: spawning into a kill-on-close job object;
-- ``_windows_fakes``: test doubles (fake DLLs, IOCP, Popen), never imported here.
+- test doubles (fake DLLs, IOCP, Popen) live in ``tests/transports/windows_fakes.py``.
 
 ``WindowsTransport`` binds those to one ``Win32Api`` and one ``OverlappedIo``; the
 module-level functions use a default instance built from the real DLLs on first
@@ -28,7 +28,8 @@ never run on a real Windows machine (see ``transports/WINDOWS.md``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import trio
@@ -36,7 +37,10 @@ import trio
 from transports._interface import (
     CONTROL_CHANNEL_ENV,
     ChildControl,
+    Listener,
+    NotifyDelivery,
     PeerIdentity,
+    PlatformUnsupportedError,
     TransportError,
 )
 from transports._windows_api import OverlappedIo, TrioOverlappedIo, Win32Api, load_win32_api
@@ -46,7 +50,12 @@ from transports._windows_channel import (
     create_control_pair,
     open_inherited_channel,
 )
-from transports._windows_dirs import mode_is_private, runtime_dir, verify_private_dir
+from transports._windows_dirs import (
+    mode_is_private,
+    runtime_dir,
+    short_temp_dir,
+    verify_private_dir,
+)
 from transports._windows_names import broker_pipe_path, random_pipe_path, user_hash_of
 from transports._windows_pipes import PipeListener, connect_pipe
 from transports._windows_process import (
@@ -235,6 +244,50 @@ async def connect(path: str) -> PipeStream:
     return await default_transport().connect(path)
 
 
+def connect_blocking(path: str, timeout_s: float | None) -> socket.socket:
+    """Not available on Windows: always raises ``PlatformUnsupportedError``.
+
+    The blocking client returns a ``socket.socket``, and Windows endpoints are
+    named pipes, which are file handles, not sockets; wrapping a pipe in an object
+    that only looks like a socket is not done. Use ``rpbroker.connect`` from trio
+    (``trio.run`` or ``trio.from_thread``) instead.
+    """
+    del timeout_s
+    raise PlatformUnsupportedError(
+        f"blocking connect to {path} is not available on Windows: endpoints are named "
+        "pipes, not sockets; use rpbroker.connect from a trio run instead"
+    )
+
+
+def inherited_listener(environ: MutableMapping[str, str] | None = None) -> Listener | None:
+    """No socket activation on Windows: always ``None`` (``environ`` is not read)."""
+    del environ
+    return None
+
+
+class NoServiceManager:
+    """A ``ServiceNotifier`` for Windows: every call reports ``NO_SERVICE_MANAGER``.
+
+    Windows services report to the Service Control Manager through an API this
+    transport does not implement; a broker run as a Windows service reports nothing.
+    """
+
+    def ready(self, status: str) -> NotifyDelivery:
+        return NotifyDelivery.NO_SERVICE_MANAGER
+
+    def stopping(self, status: str) -> NotifyDelivery:
+        return NotifyDelivery.NO_SERVICE_MANAGER
+
+    def status(self, status: str) -> NotifyDelivery:
+        return NotifyDelivery.NO_SERVICE_MANAGER
+
+
+def service_notifier(environ: MutableMapping[str, str] | None = None) -> NoServiceManager:
+    """The (no-op) notifier for this process; ``environ`` is not read."""
+    del environ
+    return NoServiceManager()
+
+
 def peer_identity(stream: trio.abc.Stream) -> PeerIdentity:
     """Pid and SID of the process at the other end of a pipe stream."""
     return default_transport().peer_identity(stream)
@@ -301,8 +354,11 @@ __all__ = [
     "broker_endpoint",
     "child_processes",
     "connect",
+    "connect_blocking",
+    "NoServiceManager",
     "current_user",
     "default_transport",
+    "inherited_listener",
     "new_backend_endpoint",
     "open_control_pair",
     "fd_usage_ratio",
@@ -312,7 +368,9 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "runtime_dir",
+    "service_notifier",
     "set_default_transport",
+    "short_temp_dir",
     "spawn_child",
     "user_hash",
     "mode_is_private",

@@ -7,7 +7,7 @@ them in ``Win32Api``: a small object whose methods take and return Python ints a
 strings and raise ``Win32Error`` (carrying the function name and
 ``GetLastError``) when a call fails. Everything else in the transport receives a
 ``Win32Api`` by injection, so the Linux test-suite builds one over fake DLL objects
-(``transports._windows_fakes``) and checks call sequences and arguments at the
+(``tests/transports/windows_fakes.py``) and checks call sequences and arguments at the
 ctypes level. It also defines ``OverlappedIo``, the four trio IOCP primitives the
 transport needs, with the real implementation delegating to ``trio.lowlevel``.
 

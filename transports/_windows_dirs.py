@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,6 +53,15 @@ def runtime_dir(create: bool = True, *, environ: Mapping[str, str] | None = None
         os.makedirs(path, exist_ok=True)
         verify_private_dir(path)
     return path
+
+
+def short_temp_dir() -> Path:
+    """A base for temporary directories: ``tempfile.gettempdir()``.
+
+    Endpoints are named pipes, whose names do not depend on directories, so no
+    shorter base is needed here. Nothing is created.
+    """
+    return Path(tempfile.gettempdir())
 
 
 def verify_private_dir(path: os.PathLike[str] | str) -> None:

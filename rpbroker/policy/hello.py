@@ -5,7 +5,9 @@ need no I/O: validating its fields in the reference order with the reference
 refusal codes and reasons, the service's version policy (minimum version that
 ignores prerelease tags, exact allow-list), the per-verified-pid Hello rate
 limit (256 per second by default) and the negotiated keepalive. Decisions are
-``None`` (carry on) or a :class:`Refusal`.
+``None`` (carry on) or a :class:`Refusal`, which carries the values that explain
+it (``RefusalDetail`` keys: the rejected field, its value and grammar; the
+wanted version and the service's version policy).
 
 What it leaves to its caller: framing and decoding (frame-level refusals), the
 service lookup, building the ``Refused`` message (daemon protocol range, echoed
@@ -18,13 +20,14 @@ by hand rather than with ``re`` so that ``$`` never accepts a trailing newline.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Final, Protocol
 
 import attrs
 
 from rpbroker.policy._units import clamp_count, clamp_duration_s, ms_ceil
-from rpbroker.wire.codes import PROTOCOL_VERSION, RefusalCode
+from rpbroker.wire.codes import PROTOCOL_VERSION, RefusalCode, RefusalDetail
 
 #: Longest service name (bytes); names become file and endpoint names.
 MAX_SERVICE_NAME_BYTES: Final[int] = 64
@@ -44,6 +47,17 @@ DEFAULT_HELLO_RATE_WINDOW_S: Final[float] = 1.0
 #: Keepalive (seconds) used when the client leaves ``client_keepalive_secs`` at 0.
 DEFAULT_KEEPALIVE_SECS: Final[int] = 30 * 60
 
+#: The service-name grammar, as quoted in refusals and client errors.
+SERVICE_NAME_GRAMMAR: Final[str] = "[a-z0-9-]{1,64}"
+#: The version grammar, as quoted in refusals and client errors.
+VERSION_GRAMMAR: Final[str] = r"^[0-9]+\.[0-9]+\.[0-9]+(-[a-z0-9.]+)?$, at most 64 bytes"
+#: Longest rejected value quoted back in a refusal, characters (after escaping):
+#: any valid-length name or version (64) fits whole, while a hostile Hello field of
+#: up to 64 KiB cannot inflate the refusal or the client's error message.
+MAX_DETAIL_VALUE_CHARS: Final[int] = 80
+#: Appended to a quoted value that was cut at ``MAX_DETAIL_VALUE_CHARS``.
+TRUNCATION_MARK: Final[str] = "..."
+
 REASON_PROTOCOL_RANGE: Final[str] = "client protocol range does not include v1"
 REASON_INVALID_SERVICE_NAME: Final[str] = "invalid service_name"
 REASON_INVALID_WANTED_VERSION: Final[str] = "invalid wanted_version"
@@ -59,13 +73,61 @@ _DIGITS: Final[frozenset[str]] = frozenset("0123456789")
 _PRERELEASE_CHARS: Final[frozenset[str]] = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
 
 
+def _read_only(details: Mapping[RefusalDetail, str]) -> Mapping[RefusalDetail, str]:
+    return MappingProxyType(dict(details))
+
+
 @attrs.frozen
 class Refusal:
-    """A decision to answer with ``Refused``: wire code, reason and optional retry hint."""
+    """A decision to answer with ``Refused``: wire code, reason, optional retry hint.
+
+    ``details`` holds the values that explain the refusal, for ``Refused.details``
+    (read-only; empty for most refusals).
+    """
 
     code: RefusalCode
     reason: str
     retry_after_ms: int | None = None
+    details: Mapping[RefusalDetail, str] = attrs.field(
+        factory=dict, converter=_read_only, hash=False
+    )
+
+    def wire_details(self) -> dict[str, str]:
+        """``details`` with plain string keys, as ``Refused.details`` carries them."""
+        return {key.value: value for key, value in self.details.items()}
+
+
+def quoted_value(text: str, limit: int = MAX_DETAIL_VALUE_CHARS) -> str:
+    """``text`` made safe to echo: printable ASCII, at most ``limit`` characters.
+
+    Anything outside printable ASCII (and the backslash) is written as its Python
+    escape (``\\n``, ``\\x1b``, ``\\u00e9``), so control characters never reach a
+    terminal and the result is valid UTF-8 whatever the input. Escapes are never
+    cut in half: the text stops before the first piece that would pass ``limit``
+    and ``TRUNCATION_MARK`` follows.
+    """
+    pieces: list[str] = []
+    used = 0
+    for char in text:
+        piece = char if " " <= char <= "~" and char != "\\" else ascii(char)[1:-1]
+        if used + len(piece) > limit:
+            pieces.append(TRUNCATION_MARK)
+            break
+        pieces.append(piece)
+        used += len(piece)
+    return "".join(pieces)
+
+
+def _rejected_field(reason: str, field: str, value: str, grammar: str) -> Refusal:
+    return Refusal(
+        RefusalCode.PEER_REJECTED,
+        reason,
+        details={
+            RefusalDetail.FIELD: field,
+            RefusalDetail.VALUE: quoted_value(value),
+            RefusalDetail.GRAMMAR: grammar,
+        },
+    )
 
 
 def _utf8_len(text: str) -> int:
@@ -142,9 +204,13 @@ def check_hello_shape(hello: HelloLike, verified_pid: int) -> Refusal | None:
     if hello.client_min_protocol > PROTOCOL_VERSION or hello.client_max_protocol < PROTOCOL_VERSION:
         return Refusal(RefusalCode.VERSION_UNSUPPORTED, REASON_PROTOCOL_RANGE)
     if not is_valid_service_name(hello.service_name):
-        return Refusal(RefusalCode.PEER_REJECTED, REASON_INVALID_SERVICE_NAME)
+        return _rejected_field(
+            REASON_INVALID_SERVICE_NAME, "service_name", hello.service_name, SERVICE_NAME_GRAMMAR
+        )
     if not is_valid_semver(hello.wanted_version):
-        return Refusal(RefusalCode.PEER_REJECTED, REASON_INVALID_WANTED_VERSION)
+        return _rejected_field(
+            REASON_INVALID_WANTED_VERSION, "wanted_version", hello.wanted_version, VERSION_GRAMMAR
+        )
     if _utf8_len(hello.client_version) > MAX_CLIENT_VERSION_BYTES:
         return Refusal(RefusalCode.PEER_REJECTED, REASON_CLIENT_VERSION_TOO_LONG)
     if (
@@ -179,23 +245,29 @@ class VersionPolicy:
     allow_list: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
 
     def check(self, wanted: str) -> Refusal | None:
-        """None when ``wanted`` passes; else a VERSION_BLOCKED refusal (retry 30 s)."""
+        """None when ``wanted`` passes; else a VERSION_BLOCKED refusal (retry 30 s).
+
+        The refusal's details name the wanted version and the whole policy (floor
+        and allow-list, each when set), so the client can pick a version that passes.
+        """
         if self.min_version is not None:
             floor = semver_core(self.min_version)
             core = semver_core(wanted)
             if floor is not None and core is not None and core < floor:
-                return Refusal(
-                    RefusalCode.VERSION_BLOCKED,
-                    REASON_BELOW_MIN_VERSION,
-                    VERSION_BLOCKED_RETRY_AFTER_MS,
-                )
+                return self._blocked(REASON_BELOW_MIN_VERSION, wanted)
         if self.allow_list and wanted not in self.allow_list:
-            return Refusal(
-                RefusalCode.VERSION_BLOCKED,
-                REASON_NOT_IN_ALLOW_LIST,
-                VERSION_BLOCKED_RETRY_AFTER_MS,
-            )
+            return self._blocked(REASON_NOT_IN_ALLOW_LIST, wanted)
         return None
+
+    def _blocked(self, reason: str, wanted: str) -> Refusal:
+        details = {RefusalDetail.WANTED_VERSION: quoted_value(wanted)}
+        if self.min_version is not None:
+            details[RefusalDetail.MIN_VERSION] = self.min_version
+        if self.allow_list:
+            details[RefusalDetail.VERSION_ALLOW_LIST] = ",".join(self.allow_list)
+        return Refusal(
+            RefusalCode.VERSION_BLOCKED, reason, VERSION_BLOCKED_RETRY_AFTER_MS, details=details
+        )
 
 
 @attrs.define

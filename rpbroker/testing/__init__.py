@@ -69,8 +69,9 @@ them together; raise ``hello_rate_limit`` for bulk tests or use
 pass ``since=test_broker.mark()`` taken before an action to wait for what that
 action causes.
 
-pytest fixtures: ``rpbroker.testing.pytest_plugin`` (``pytest_plugins =
-["rpbroker.testing.pytest_plugin"]`` in your top-level ``conftest.py``).
+pytest fixtures: ``rpbroker.testing.pytest_plugin``, loaded automatically by
+pytest wherever rpbroker is installed (or list it in ``pytest_plugins`` in your
+top-level ``conftest.py`` when plugin autoloading is disabled).
 """
 
 from __future__ import annotations

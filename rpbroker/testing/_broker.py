@@ -257,7 +257,9 @@ class TestBroker:
         key = BackendKey(spec.instance_id, service, version)
         acquired = await self.broker.backends.acquire(key, spec)
         if isinstance(acquired, Refusal):
-            raise RefusedError(acquired.code, acquired.reason, acquired.retry_after_ms)
+            raise RefusedError(
+                acquired.code, acquired.reason, acquired.retry_after_ms, acquired.wire_details()
+            )
         return self.launcher.by_pid(acquired.pid)
 
     # -- events --------------------------------------------------------------------------
@@ -345,19 +347,12 @@ class TestBroker:
         self._new_events = trio.Event()
 
 
-def _short_temp_base() -> str:
-    """A directory for socket paths short enough for ``sun_path``."""
-    if os.name == "posix" and os.path.isdir("/tmp"):
-        return "/tmp"
-    return tempfile.gettempdir()
-
-
 def _make_directories(tmp_path: os.PathLike[str] | str | None) -> tuple[Path, Path, Path]:
     """Create (root, services dir, runtime dir), all 0700; root is short and removable.
 
     Synchronous on purpose: a thread would let ``MockClock`` jump while it runs.
     """
-    root = Path(tempfile.mkdtemp(prefix="rpbt-", dir=_short_temp_base()))
+    root = Path(tempfile.mkdtemp(prefix="rpbt-", dir=transports.short_temp_dir()))
     root.chmod(0o700)
     services_dir = Path(tmp_path) / "rpbroker-services" if tmp_path is not None else root / "svc"
     services_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,10 +1,15 @@
 """pytest fixtures for the rpbroker testing kit (needs pytest and pytest-trio).
 
-Enable them in your top-level ``conftest.py``::
+They load automatically wherever rpbroker is installed (a ``pytest11`` entry
+point named ``rpbroker.testing.pytest_plugin``; ``-p
+no:rpbroker.testing.pytest_plugin`` turns them off). With plugin autoloading
+disabled (``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``) enable them in your top-level
+``conftest.py``::
 
     pytest_plugins = ["rpbroker.testing.pytest_plugin"]
 
-or import the fixture functions you want into a ``conftest.py``.
+(harmless when autoloading is on), or import the fixture functions you want into
+a ``conftest.py``.
 
 - ``rpbroker_test_broker``: a running ``TestBroker`` with no services yet (add
   them with ``TestBroker.add_service``); shut down after the test.

@@ -48,6 +48,31 @@ class RefusalCode(enum.IntEnum):
     FD_PRESSURE = 9
 
 
+class RefusalDetail(enum.StrEnum):
+    """The keys rpbroker writes into ``Refused.details`` (``map<string, string>``).
+
+    The reference broker always sends the map empty and its clients ignore it, so
+    these keys are rpbroker's own and filling them changes nothing for reference
+    clients. Values are strings; a list (the allow-list) is joined with commas,
+    which no valid version contains.
+    """
+
+    #: The service the Hello asked for (SERVICE_UNKNOWN).
+    SERVICE_NAME = "service_name"
+    #: The version the Hello asked for (VERSION_BLOCKED).
+    WANTED_VERSION = "wanted_version"
+    #: The service's version floor, when it has one (VERSION_BLOCKED).
+    MIN_VERSION = "min_version"
+    #: The service's exact allow-list, comma-joined, when it has one (VERSION_BLOCKED).
+    VERSION_ALLOW_LIST = "version_allow_list"
+    #: The Hello field that failed its shape check (PEER_REJECTED).
+    FIELD = "field"
+    #: That field's value, printable ASCII and truncated (PEER_REJECTED).
+    VALUE = "value"
+    #: The grammar the field must match (PEER_REJECTED).
+    GRAMMAR = "grammar"
+
+
 class Capability(enum.IntFlag):
     """Capability bits of ``Hello.client_capabilities`` / ``Negotiated.server_capabilities``.
 

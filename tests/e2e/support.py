@@ -10,9 +10,11 @@ from typing import Any
 
 import attrs
 import trio
+import trio.testing
 
 import rpbroker
 import transports
+from rpbroker.events import EventKind
 
 HERE = Path(__file__).resolve().parent
 SCRIPTED_BACKEND = HERE / "scripted_backend.py"
@@ -127,3 +129,22 @@ async def read_exactly(stream: trio.abc.Stream, n: int) -> bytes:
             break
         data += chunk
     return data
+
+
+async def wait_for_event(broker: rpbroker.Broker, kind: EventKind) -> None:
+    """Wait until ``kind`` has been emitted (now or already)."""
+    async with trio.open_nursery() as nursery:
+        seen = trio.Event()
+
+        async def watch() -> None:
+            async for event in broker.iter_events():
+                if event.kind is kind:
+                    seen.set()
+                    return
+
+        nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked()
+        if any(e.kind is kind for e in broker.recent_events()):
+            seen.set()
+        await seen.wait()
+        nursery.cancel_scope.cancel()

@@ -13,26 +13,7 @@ import transports
 from rpbroker.client import hello_frame
 from rpbroker.events import EventKind
 
-from .support import Workspace, child_pids, fd_count, round_trip
-
-
-async def wait_for_event(broker: rpbroker.Broker, kind: EventKind) -> None:
-    """Wait until ``kind`` has been emitted (now or already)."""
-    async with trio.open_nursery() as nursery:
-        seen = trio.Event()
-
-        async def watch() -> None:
-            async for event in broker.iter_events():
-                if event.kind is kind:
-                    seen.set()
-                    return
-
-        nursery.start_soon(watch)
-        await trio.testing.wait_all_tasks_blocked()
-        if any(e.kind is kind for e in broker.recent_events()):
-            seen.set()
-        await seen.wait()
-        nursery.cancel_scope.cancel()
+from .support import Workspace, child_pids, fd_count, round_trip, wait_for_event
 
 
 def assert_broker_clean(broker: rpbroker.Broker) -> None:

@@ -11,7 +11,11 @@ from rpbroker.policy.hello import (
     DEFAULT_HELLO_RATE_LIMIT,
     DEFAULT_HELLO_RATE_WINDOW_S,
     DEFAULT_KEEPALIVE_SECS,
+    MAX_DETAIL_VALUE_CHARS,
     REASON_RATE_LIMITED,
+    SERVICE_NAME_GRAMMAR,
+    TRUNCATION_MARK,
+    VERSION_GRAMMAR,
     HelloRateLimiter,
     Refusal,
     VersionPolicy,
@@ -19,9 +23,10 @@ from rpbroker.policy.hello import (
     is_valid_semver,
     is_valid_service_name,
     negotiated_keepalive,
+    quoted_value,
     semver_core,
 )
-from rpbroker.wire.codes import RefusalCode
+from rpbroker.wire.codes import RefusalCode, RefusalDetail
 
 
 @attrs.frozen
@@ -154,16 +159,51 @@ def test_protocol_range_including_v1_passes() -> None:
     assert check_hello_shape(FakeHello(client_min_protocol=0, client_max_protocol=7), 4242) is None
 
 
-def test_hello_rejects_invalid_service_name() -> None:
-    assert check_hello_shape(FakeHello(service_name="Bad"), 4242) == rejected(
-        "invalid service_name"
+def test_hello_rejects_invalid_service_name_naming_field_value_and_grammar() -> None:
+    assert check_hello_shape(FakeHello(service_name="Bad"), 4242) == Refusal(
+        RefusalCode.PEER_REJECTED,
+        "invalid service_name",
+        details={
+            RefusalDetail.FIELD: "service_name",
+            RefusalDetail.VALUE: "Bad",
+            RefusalDetail.GRAMMAR: "[a-z0-9-]{1,64}",
+        },
     )
 
 
-def test_hello_rejects_invalid_wanted_version() -> None:
-    assert check_hello_shape(FakeHello(wanted_version="1.0"), 4242) == rejected(
-        "invalid wanted_version"
+def test_hello_rejects_invalid_wanted_version_naming_field_value_and_grammar() -> None:
+    refusal = check_hello_shape(FakeHello(wanted_version="1.0"), 4242)
+    assert refusal == Refusal(
+        RefusalCode.PEER_REJECTED,
+        "invalid wanted_version",
+        details={
+            RefusalDetail.FIELD: "wanted_version",
+            RefusalDetail.VALUE: "1.0",
+            RefusalDetail.GRAMMAR: VERSION_GRAMMAR,
+        },
     )
+    assert refusal.wire_details() == {
+        "field": "wanted_version",
+        "value": "1.0",
+        "grammar": r"^[0-9]+\.[0-9]+\.[0-9]+(-[a-z0-9.]+)?$, at most 64 bytes",
+    }
+
+
+def test_hostile_field_is_quoted_escaped_and_truncated() -> None:
+    hostile = "\x1b[2J../../etc/passwd;rm -rf ~\n" + "é" * 10_000
+    refusal = check_hello_shape(FakeHello(service_name=hostile), 4242)
+    assert refusal is not None
+    value = refusal.details[RefusalDetail.VALUE]
+    assert value.startswith("\\x1b[2J../../etc/passwd;rm -rf ~\\n\\xe9")
+    assert value.endswith(TRUNCATION_MARK)
+    assert len(value) <= MAX_DETAIL_VALUE_CHARS + len(TRUNCATION_MARK)
+    assert value.isascii() and value.isprintable()
+    assert refusal.details[RefusalDetail.GRAMMAR] == SERVICE_NAME_GRAMMAR
+
+
+def test_other_shape_refusals_carry_no_details() -> None:
+    refusal = check_hello_shape(FakeHello(client_version="x" * 129), 4242)
+    assert refusal is not None and refusal.details == {}
 
 
 def test_client_version_limit_is_128_bytes() -> None:
@@ -246,7 +286,10 @@ def test_no_policy_allows_everything() -> None:
 def test_hello_rejects_version_below_floor() -> None:
     policy = VersionPolicy(min_version="1.10.0")
     assert policy.check("1.9.9") == Refusal(
-        RefusalCode.VERSION_BLOCKED, "wanted_version is below min_version", 30_000
+        RefusalCode.VERSION_BLOCKED,
+        "wanted_version is below min_version",
+        30_000,
+        details={RefusalDetail.WANTED_VERSION: "1.9.9", RefusalDetail.MIN_VERSION: "1.10.0"},
     )
     assert policy.check("1.10.0") is None
     assert policy.check("1.11.0") is None
@@ -273,7 +316,13 @@ def test_hello_rejects_version_outside_allow_list() -> None:
     policy = VersionPolicy(allow_list=("1.10.0", "1.11.0"))
     assert policy.check("1.11.0") is None
     assert policy.check("1.12.0") == Refusal(
-        RefusalCode.VERSION_BLOCKED, "wanted_version is not in version_allow_list", 30_000
+        RefusalCode.VERSION_BLOCKED,
+        "wanted_version is not in version_allow_list",
+        30_000,
+        details={
+            RefusalDetail.WANTED_VERSION: "1.12.0",
+            RefusalDetail.VERSION_ALLOW_LIST: "1.10.0,1.11.0",
+        },
     )
     # Exact string equality: the prerelease matters here.
     assert policy.check("1.11.0-rc.1") is not None
@@ -284,6 +333,41 @@ def test_floor_is_checked_before_allow_list() -> None:
     refusal = policy.check("1.0.0")
     assert refusal is not None
     assert refusal.reason == "wanted_version is below min_version"
+    # The details describe the whole policy, not only the rule that fired.
+    assert refusal.wire_details() == {
+        "wanted_version": "1.0.0",
+        "min_version": "2.0.0",
+        "version_allow_list": "1.0.0",
+    }
+
+
+# -- quoting rejected values ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["a" * 64, "1.2.3-rc.1", "my-svc", ""])
+def test_quoted_value_keeps_printable_ascii_whole(text: str) -> None:
+    assert quoted_value(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "quoted"),
+    [
+        ("a\nb", "a\\nb"),
+        ("\x00", "\\x00"),
+        ("\\", "\\\\"),
+        ("€", "\\u20ac"),
+        ("\U0001f600", "\\U0001f600"),
+    ],
+)
+def test_quoted_value_escapes_everything_else(text: str, quoted: str) -> None:
+    assert quoted_value(text) == quoted
+
+
+def test_quoted_value_never_cuts_an_escape_in_half() -> None:
+    # Each "é" becomes 4 characters; a limit of 10 fits two (8), not a third.
+    assert quoted_value("ééé", limit=10) == "\\xe9\\xe9" + TRUNCATION_MARK
+    assert quoted_value("a" * 11, limit=10) == "a" * 10 + TRUNCATION_MARK
+    assert quoted_value("a" * 10, limit=10) == "a" * 10
 
 
 # -- rate limit -----------------------------------------------------------------------

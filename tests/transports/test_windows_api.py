@@ -43,7 +43,8 @@ from transports._windows_api import (
     is_valid_handle,
     load_win32_api,
 )
-from transports._windows_fakes import DEFAULT_SID, FakeWindows
+
+from .windows_fakes import DEFAULT_SID, FakeWindows
 
 NON_WINDOWS = pytest.mark.skipif(sys.platform == "win32", reason="checks the non-Windows gate")
 

@@ -36,8 +36,9 @@ from transports._windows_api import (
     PIPE_REJECT_REMOTE_CLIENTS,
 )
 from transports._windows_channel import FrameReader, PipeControlChannel, frame_header
-from transports._windows_fakes import FakeIo, FakeWindows
 from transports._windows_stream import PipeStream
+
+from .windows_fakes import FakeIo, FakeWindows
 
 
 def frame(body: bytes) -> bytes:

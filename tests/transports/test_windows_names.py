@@ -21,7 +21,6 @@ import pytest
 from transports._interface import EndpointNameError, InsecurePathError
 from transports._windows import WindowsTransport
 from transports._windows_dirs import runtime_dir, verify_private_dir
-from transports._windows_fakes import DEFAULT_SID, FakeIo, FakeWindows
 from transports._windows_names import (
     PIPE_PATH_MAX_CHARS,
     PIPE_PREFIX,
@@ -30,6 +29,8 @@ from transports._windows_names import (
     random_pipe_path,
     user_hash_of,
 )
+
+from .windows_fakes import DEFAULT_SID, FakeIo, FakeWindows
 
 HASH = "0123456789abcdef"
 

@@ -29,9 +29,10 @@ from transports._windows_api import (
     Win32Api,
 )
 from transports._windows_channel import PipeControlChannel, frame_header
-from transports._windows_fakes import FakeIo, FakeWindows
 from transports._windows_passing import adopt_pipe_handle, duplicate_into_process
 from transports._windows_stream import PipeStream
+
+from .windows_fakes import FakeIo, FakeWindows
 
 BACKEND_PID = 5120
 TOKEN = bytes(range(16))

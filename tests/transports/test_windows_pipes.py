@@ -49,10 +49,11 @@ from transports._windows_api import (
     SECURITY_SQOS_PRESENT,
     TOKEN_QUERY,
 )
-from transports._windows_fakes import DEFAULT_SID, FakeIo, FakeWindows
 from transports._windows_pipes import PipeListener, connect_pipe
 from transports._windows_security import owner_only_sddl
 from transports._windows_stream import PipeStream
+
+from .windows_fakes import DEFAULT_SID, FakeIo, FakeWindows
 
 PATH = "\\\\.\\pipe\\rpb-v1-0123456789abcdef-shared"
 PEER_PID = 6000

@@ -32,8 +32,9 @@ from transports._windows_api import (
     PROCESS_TERMINATE,
     STATUS_CONTROL_C_EXIT,
 )
-from transports._windows_fakes import FakeIo, FakePopenFactory, FakeWindows
 from transports._windows_process import KILL_EXIT_CODE, JobChildProcess
+
+from .windows_fakes import FakeIo, FakePopenFactory, FakeWindows
 
 ARGV = ["python.exe", "-m", "backend"]
 

@@ -13,9 +13,8 @@ for ``subprocess.Popen``.
 
 What it does not do: emulate Windows faithfully. Only the behaviour the transport
 relies on is modelled (for example ConnectNamedPipe completes when the test says
-so, not when a client connects), and nothing here is used outside tests. It is in
-the package rather than under ``tests/`` so test modules can import it by its
-absolute name whatever the test layout.
+so, not when a client connects), and nothing here is used outside tests, which is
+why it lives in the test tree and is not installed with ``transports``.
 """
 
 from __future__ import annotations
