@@ -364,6 +364,11 @@ class BackendLifecycle:
         return self._phase is Phase.EXITED
 
     @property
+    def stop_cause(self) -> StopCause | None:
+        """Why it is being stopped (set on entering STOPPING; kept once EXITED)."""
+        return self._stop_cause
+
+    @property
     def deadline(self) -> float:
         """When the shell must feed :class:`TimerFired` (``math.inf``: no timer)."""
         return self._deadline

@@ -98,6 +98,12 @@ class BackendRegistry:
         #: Keys that crashed and have not been seen healthy (or serving again) since.
         self._crashed: set[BackendKey] = set()
         self._unavailable: set[BackendKey] = set()
+        #: Incarnations whose control link closed unasked: a crash whose exit is
+        #: not processed yet. A Hello waits for it (bounded by the link-loss
+        #: grace), so the crash is counted before anything new is started.
+        self._dying: dict[BackendKey, Incarnation] = {}
+        #: Incarnations started per key so far (a retry is only for the one that crashed).
+        self._starts: dict[BackendKey, int] = {}
         self._idle: IdleTracker[Incarnation] = IdleTracker()
         self._idle_changed = trio.Event()
         self._stopping = False
@@ -196,6 +202,10 @@ class BackendRegistry:
                     "broker is shutting down",
                     SHUTTING_DOWN_RETRY_AFTER_MS,
                 )
+            dying = self._dying.get(key)
+            if dying is not None:
+                await dying.exited.wait()
+                continue
             incarnation = self._current.get(key)
             if incarnation is not None:
                 if incarnation.routable:
@@ -248,6 +258,7 @@ class BackendRegistry:
         )
         self._current[key] = incarnation
         self._live[incarnation] = None
+        self._starts[key] = self._starts.get(key, 0) + 1
         self._spawn_task(incarnation.run)
         return incarnation
 
@@ -271,8 +282,11 @@ class BackendRegistry:
                 self._emit_key(EventKind.RECOVERED, key, reason="serving again after the window")
 
     def left_service(self, incarnation: Incarnation) -> None:
-        if self._current.get(incarnation.key) is incarnation:
-            del self._current[incarnation.key]
+        key = incarnation.key
+        if self._current.get(key) is incarnation:
+            del self._current[key]
+            if incarnation.lifecycle.stop_cause is StopCause.LINK_LOST:
+                self._dying[key] = incarnation
         self._idle.remove(incarnation)
 
     def activity(self, incarnation: Incarnation) -> None:
@@ -293,6 +307,8 @@ class BackendRegistry:
 
     def ended(self, incarnation: Incarnation, outcome: Outcome) -> None:
         self.left_service(incarnation)
+        if self._dying.get(incarnation.key) is incarnation:
+            del self._dying[incarnation.key]
         self._live.pop(incarnation, None)
         self._budgeted.discard(incarnation)
         if not isinstance(outcome, Crashed) or self._stopping:
@@ -301,10 +317,19 @@ class BackendRegistry:
         self._crashed.add(key)
         decision = self._recovery.record_crash(key, trio.current_time())
         if isinstance(decision, RetryAfterBackoff):
+            if key in self._current:
+                # A Hello started a successor while this one was on its way out
+                # (its link closed first): that successor is the one retry.
+                self._emit_key(
+                    EventKind.RETRYING, key, delay_ms=0, reason="one retry: already starting"
+                )
+                return
             self._emit_key(
                 EventKind.RETRYING, key, delay_ms=ms_ceil(decision.delay_s), reason="one retry"
             )
-            self._spawn_task(self._respawn_after, key, incarnation.spec, decision.delay_s)
+            self._spawn_task(
+                self._respawn_after, key, incarnation.spec, decision.delay_s, self._starts[key]
+            )
         elif isinstance(decision, MarkUnavailable):
             self._unavailable.add(key)
             self._emit_key(
@@ -314,13 +339,18 @@ class BackendRegistry:
                 retry_after_ms=decision.retry_after_ms,
             )
 
-    async def _respawn_after(self, key: BackendKey, spec: ServiceSpec, delay_s: float) -> None:
+    async def _respawn_after(
+        self, key: BackendKey, spec: ServiceSpec, delay_s: float, starts: int
+    ) -> None:
         """The one retry of a crashed backend: respawn after the back-off, no client needed.
+
+        ``starts`` is the key's start count at the crash: if anything started the key
+        since (a Hello did not wait for the back-off), the retry has been used.
 
         Cancellation: nothing is started when cancelled during the back-off.
         """
         await trio.sleep(delay_s)
-        if self._stopping or key in self._current:
+        if self._stopping or self._starts.get(key) != starts:
             return  # a Hello already started one, or the broker is stopping
         self._start(key, spec)  # not budgeted: the recovery policy bounds retries
 

@@ -307,8 +307,9 @@ async def read_frame_body(
 ) -> bytes:
     """Read exactly one frame from ``stream`` and return its body; not a byte more.
 
-    Reads the framing byte (checked), then the 4-byte length (checked against
-    ``cap``), then the body. The body is neither read nor allocated unless its
+    Reads the header with one receive of at most 5 bytes (the framing byte is
+    checked as soon as it is there, the length against ``cap`` once complete),
+    then the body. The body is neither read nor allocated unless its
     length is within ``cap``. Bytes after the frame stay in the stream: after a
     Hello they belong to whichever process ends up owning the socket. ``offset``
     is the stream offset of this frame, used only in error messages.
@@ -318,10 +319,22 @@ async def read_frame_body(
     Cancellation: a cancelled read may have consumed part of a frame (header
     and/or some body bytes). The stream is then unusable for framing; close it.
     """
-    first = await read_exactly(stream, 1, FrameStage.HEADER_BYTE, offset)
-    _check_framing_byte(first[0], offset)
-    raw_length = await read_exactly(stream, _LENGTH_BYTES, FrameStage.LENGTH, offset + 1)
-    (length,) = _LENGTH.unpack(raw_length)
+    # One receive asks for the whole header (never more); the framing byte is
+    # checked as soon as it is there, before waiting for the length.
+    header = await stream.receive_some(FRAME_HEADER_BYTES)
+    if not header:
+        raise TruncatedFrame(FrameStage.HEADER_BYTE, 0, 1, offset)
+    if len(header) > FRAME_HEADER_BYTES:
+        raise RuntimeError(
+            f"{type(stream).__name__}.receive_some({FRAME_HEADER_BYTES}) "
+            f"returned {len(header)} bytes"
+        )
+    _check_framing_byte(header[0], offset)
+    if len(header) < FRAME_HEADER_BYTES:
+        header = bytes(header) + await read_exactly(
+            stream, FRAME_HEADER_BYTES - len(header), FrameStage.LENGTH, offset + len(header)
+        )
+    (length,) = _LENGTH.unpack_from(header, 1)
     _check_length(length, cap, offset)
     return await read_exactly(stream, length, FrameStage.BODY, offset + FRAME_HEADER_BYTES)
 

@@ -69,6 +69,8 @@ async def test_clients_racing_a_killed_backend_all_get_a_working_route(
                 assert len(routes) == CLIENTS_PER_ROUND
                 await victim.ended.wait()
                 assert victim.status == "crashed"
+            # Every attempt has ended (the ACKs come off the clients' critical path).
+            await broker.wait_connections_closed()
             assert pending_handoffs(broker).acks == 0
 
 

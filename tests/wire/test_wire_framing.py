@@ -296,7 +296,8 @@ async def test_read_frame_body_never_asks_for_more_than_it_needs() -> None:
     data = encode_framed(b"xyz") + b"NEXT"
     stream = RecordingReceiveStream(data, chunk=64)
     assert await read_frame_body(stream) == b"xyz"
-    assert stream.requests == [1, 4, 3]
+    # The whole header in one request (never past it), then exactly the body.
+    assert stream.requests == [5, 3]
     assert bytes(stream.data) == b"NEXT"
 
 
