@@ -7,11 +7,14 @@ Each concept lives in its own module:
 - ``_unix_paths``: current user, runtime directory, private-directory check,
   endpoint names and the ``sun_path`` limit;
 - ``_unix_listen`` / ``_unix_connect``: binding (with squatting refusal and stale
-  socket cleanup) and connecting;
+  socket cleanup, also of a whole runtime directory) and connecting;
+- ``_unix_files``: reading a small private file without ever blocking;
 - ``_unix_peer``: peer credentials;
 - ``_unix_fdpass``: sending a descriptor with its token;
 - ``_unix_control``: the framed broker-to-backend socketpair;
 - ``_unix_spawn``: children in their own process group with a parent-death signal;
+- ``_unix_reaper`` / ``_unix_reaper_program``: the helper process that kills those
+  groups when the broker dies;
 - ``_unix_fds``: descriptor counting and closing helpers.
 
 What it does not do: anything on Windows (``transports._windows``), or speak
@@ -36,11 +39,14 @@ from transports._unix_control import (
     open_inherited_control_channel,
 )
 from transports._unix_fds import open_fd_count, wait_peer_closed
-from transports._unix_listen import UnixListener, open_listener
+from transports._unix_files import read_private_file
+from transports._unix_listen import UnixListener, open_listener, remove_stale_backend_endpoints
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
     broker_endpoint,
+    check_backend_endpoint_room,
     current_user,
+    ensure_private_dir,
     mode_is_private,
     new_backend_endpoint,
     runtime_dir,
@@ -61,14 +67,18 @@ __all__ = [
     "UnixControlChannel",
     "UnixListener",
     "broker_endpoint",
+    "check_backend_endpoint_room",
     "connect",
     "current_user",
+    "ensure_private_dir",
     "new_backend_endpoint",
     "open_control_pair",
     "open_fd_count",
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",
+    "read_private_file",
+    "remove_stale_backend_endpoints",
     "runtime_dir",
     "spawn_child",
     "user_hash",

@@ -1,7 +1,8 @@
 """Small helpers for raw file descriptors on Unix.
 
 What this module does: counts the process's open descriptors (``open_fd_count``,
-used for fd-pressure decisions and leak tests), closes descriptors and sockets
+used for fd-pressure decisions and leak tests), moves descriptors above the
+standard streams (``above_stdio``), closes descriptors and sockets
 that trio may be watching without raising, and turns a raw descriptor received
 from another process into a ``trio.SocketStream``.
 
@@ -19,6 +20,7 @@ import sys
 assert sys.platform != "win32", "transports._unix_fds is part of the Unix transport"
 
 import contextlib
+import fcntl
 import os
 import socket
 
@@ -42,6 +44,25 @@ def open_fd_count() -> int | None:
         # listdir holds one descriptor open on the directory while it reads it.
         return max(len(entries) - 1, 0)
     return None
+
+
+#: Lowest descriptor number that no child's standard stream setup overwrites or
+#: inherits (0-2 are stdin, stdout, stderr).
+MIN_NON_STDIO_FD = 3
+
+
+def above_stdio(fd: int) -> int:
+    """``fd`` itself if it is above 2, else a close-on-exec duplicate above 2 (``fd`` is closed).
+
+    A process started with closed standard streams gets 0-2 from ``pipe`` or
+    ``socketpair``; a child would then have those replaced by its stdio set-up, or
+    inherit them as its stdio.
+    """
+    if fd >= MIN_NON_STDIO_FD:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, MIN_NON_STDIO_FD)
+    os.close(fd)
+    return moved
 
 
 def _notify_closing(target: int | socket.socket) -> None:
