@@ -72,10 +72,12 @@ class BrokerProcess:
         self.root.chmod(0o700)
         self.services_dir = self.root / "svc"
         self.services_dir.mkdir(mode=0o700)
-        (self.services_dir / "echo.toml").write_text(
+        definition = self.services_dir / "echo.toml"
+        definition.write_text(
             f'service_name = "echo"\ncommand = ["{sys.executable}", "{ECHO_BACKEND}"]\n'
             "idle_timeout_secs = 3600\n"
         )
+        definition.chmod(0o600)  # definitions must be private to the broker's user
         self.socket = str(self.root / "broker.sock")
         self.process: trio.Process | None = None
         self.ready_after_s = 0.0

@@ -52,12 +52,13 @@ from rpbroker.policy.hello import (
     check_hello_shape,
     negotiated_keepalive,
 )
+from rpbroker.preflight import check_broker_start
 from rpbroker.services import (
-    InvalidServiceName,
+    LoadFailure,
     ServiceCatalog,
     ServiceLoadError,
-    ServiceNotFound,
     ServiceSpec,
+    refusal_for,
 )
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
 from rpbroker.wire._pb.broker_v1_pb2 import ErrorCode
@@ -209,12 +210,16 @@ class Broker:
     async def serve(
         self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bind, report ready through ``task_status``, and serve until shut down.
+        """Check the directories, bind, report ready through ``task_status``, serve until shut down.
+
+        Raises the start-up errors of ``rpbroker.preflight.check_broker_start``
+        before binding anything.
 
         Cancellation: cancelling the scope that runs ``serve`` performs the same
         graceful shutdown (shielded, bounded by the drain timeout), then kills any
         backend still alive; no descriptor, task or child process is left.
         """
+        check_broker_start(self.config)
         listener = await transports.open_listener(self.socket_path)
         try:
             async with trio.open_nursery() as nursery:
@@ -451,14 +456,11 @@ class Broker:
     def _load_service(self, name: str) -> ServiceSpec | Refusal:
         try:
             return self._catalog.load(name)
-        except InvalidServiceName:
-            return Refusal(RefusalCode.PEER_REJECTED, "invalid service_name")
-        except ServiceNotFound:
-            return Refusal(RefusalCode.SERVICE_UNKNOWN, "service definition was not found")
         except ServiceLoadError as exc:
-            return Refusal(
-                RefusalCode.SERVICE_UNKNOWN, f"service definition could not be loaded: {exc}"
-            )
+            code, reason = refusal_for(exc)
+            if exc.kind is LoadFailure.UNLOADABLE:
+                logger.warning("Hello for service %r refused (%s): %s", name, code.name, exc)
+            return Refusal(code, reason)
 
     async def _acquire(
         self, key: BackendKey, spec: ServiceSpec, frame: Frame, stream: trio.abc.Stream
