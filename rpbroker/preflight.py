@@ -5,12 +5,12 @@ before the broker binds its endpoint, and either raises a typed error whose
 message names the path, the problem and the fix, or returns a ``StartupReport``.
 In order:
 
-1. the runtime directory (``BrokerConfig.runtime_dir``, else the per-user default)
-   is created 0700 if missing (one level), and must then be a real directory (not
-   a symbolic link) owned by the broker's user with no group/other permission
-   bits: else ``transports.InsecurePathError``;
-2. backend endpoint names in it must fit the platform's socket path limit: else
-   ``transports.RuntimeDirTooLongError`` with the byte counts;
+1. backend endpoint names in the runtime directory (``BrokerConfig.runtime_dir``,
+   else the per-user default) must fit the platform's socket path limit: else
+   ``transports.RuntimeDirTooLongError`` with the byte counts (nothing is created);
+2. the runtime directory is created 0700 if missing (one level), and must then be
+   a real directory (not a symbolic link) owned by the broker's user with no
+   group/other permission bits: else ``transports.InsecurePathError``;
 3. dead backend endpoint sockets of this user in it (left by a broker that was
    killed) are removed, each logged at INFO; nothing else is touched;
 4. the services directory must pass the directory rule of ``rpbroker.services``:
@@ -80,8 +80,8 @@ def check_broker_start(config: BrokerConfig) -> StartupReport:
     ``rpbroker.services.ServiceDirectoryError`` or ``InsecureServiceFiles``.
     """
     runtime = config.runtime_dir or transports.runtime_dir(create=False)
-    transports.ensure_private_dir(runtime)
     transports.check_backend_endpoint_room(runtime)
+    transports.ensure_private_dir(runtime)
     removed = tuple(transports.remove_stale_backend_endpoints(runtime))
     for path in removed:
         logger.info("removed the stale endpoint %s of a backend that is gone", path)
