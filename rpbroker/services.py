@@ -63,10 +63,11 @@ event loop, but only after the file rule proved it a regular file (a FIFO or dev
 is refused before any ``open``, and one swapped in later opens without waiting
 because of ``O_NONBLOCK`` and is refused by ``fstat``), and never more than
 :data:`MAX_DEFINITION_BYTES` of it. :class:`ServiceCatalog` reads only when the
-file's ``lstat`` signature changed, so a steady Hello costs two ``lstat`` calls. A
-worker thread would not protect against a hung network file system anyway: the
-per-Hello ``lstat`` that makes edits apply at once would hang just the same; and
-under ``trio.testing.MockClock`` a thread lets the clock jump while it runs.
+file's ``lstat`` signature changed, so a steady Hello costs two ``lstat`` calls (the
+directory's and the file's; three when a ``.servicedef`` is used). A worker thread
+would not protect against a hung network file system anyway: the per-Hello
+``lstat`` that makes edits apply at once would hang just the same; and under
+``trio.testing.MockClock`` a thread lets the clock jump while it runs.
 
 Git records neither directory modes nor the 0600 a definition needs: a checked-out
 ``examples/services`` is refused until it is ``chmod 700``-ed and its files ``chmod
@@ -890,7 +891,7 @@ class ServiceCatalog:
         return self._root
 
     def load(self, name: str) -> ServiceSpec:
-        """The spec of ``name``: two ``lstat`` calls when unchanged, a bounded read otherwise.
+        """The spec of ``name``: ``lstat`` calls only when unchanged, a bounded read otherwise.
 
         Raises what :func:`load_service` raises.
         """

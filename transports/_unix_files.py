@@ -39,57 +39,44 @@ import os
 import stat
 
 from transports._interface import InsecurePathError
+from transports._unix_paths import check_owner_and_mode
 
 #: Flags of the open: read only, never wait (FIFO), never follow a final symbolic
 #: link, never acquire a controlling terminal, never leak into a child.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
-#: Permission bits that must be clear: any access for group or others.
-_GROUP_OTHER_BITS = 0o077
+#: Mode a private file should have: owner read/write only.
+_PRIVATE_FILE_MODE = 0o600
 
 #: Size of one read call, bytes (a definition usually fits in one).
 _READ_CHUNK_BYTES = 64 * 1024
 
-
-def _kind(mode: int) -> str:
-    """What a non-regular file is, for messages."""
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
+#: What a non-regular file is, for messages, by its ``stat`` type test.
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _refuse_unless_private_regular(path: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        kind = _kind(st.st_mode)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
         fix = (
             "replace the link with the file itself"
             if stat.S_ISLNK(st.st_mode)
             else f"remove it (rm -r {path}) and write a regular file in its place"
         )
         raise InsecurePathError(path, f"is {kind}; only regular files are read", fix)
-    euid = os.geteuid()
-    if st.st_uid != euid:
-        raise InsecurePathError(
-            path,
-            f"is owned by uid {st.st_uid}, not by the current user (uid {euid})",
-            f"run: chown {euid} {path}",
-        )
-    if st.st_mode & _GROUP_OTHER_BITS:
-        raise InsecurePathError(
-            path,
-            f"has mode {stat.S_IMODE(st.st_mode):04o}, which gives group or other users access",
-            f"run: chmod 600 {path}",
-        )
+    check_owner_and_mode(
+        path,
+        st,
+        private_mode=_PRIVATE_FILE_MODE,
+        owner_fix=f"run: chown {os.geteuid()} {path}",
+    )
 
 
 def read_private_file(path: str, limit_bytes: int) -> bytes | None:

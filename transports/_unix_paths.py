@@ -160,18 +160,32 @@ def verify_private_dir(path: os.PathLike[str] | str) -> None:
             f"remove it (rm {text}) and let rpbroker create the directory",
         )
     euid = os.geteuid()
+    check_owner_and_mode(
+        text,
+        st,
+        private_mode=PRIVATE_DIR_MODE,
+        owner_fix=f"remove it (rm -r {text}) or run: chown {euid} {text}",
+    )
+
+
+def check_owner_and_mode(
+    path: str, st: os.stat_result, *, private_mode: int, owner_fix: str
+) -> None:
+    """Raise ``InsecurePathError`` unless ``st`` is owned by the euid with no group/other bits.
+
+    ``owner_fix`` is the advice for another owner; for the mode the advice is to
+    ``chmod`` to ``private_mode``.
+    """
+    euid = os.geteuid()
     if st.st_uid != euid:
         raise InsecurePathError(
-            text,
-            f"is owned by uid {st.st_uid}, not by the current user (uid {euid})",
-            f"remove it (rm -r {text}) or run: chown {euid} {text}",
+            path, f"is owned by uid {st.st_uid}, not by the current user (uid {euid})", owner_fix
         )
     if st.st_mode & _GROUP_OTHER_BITS:
-        mode = stat.S_IMODE(st.st_mode)
         raise InsecurePathError(
-            text,
-            f"has mode {mode:04o}, which gives group or other users access",
-            f"run: chmod 700 {text}",
+            path,
+            f"has mode {stat.S_IMODE(st.st_mode):04o}, which gives group or other users access",
+            f"run: chmod {private_mode:o} {path}",
         )
 
 

@@ -109,6 +109,11 @@ class GroupReaper:
         if self._process is None or self._process.poll() is not None:
             self._restart()
 
+    def stop_if_idle(self) -> None:
+        """Stop the reaper if it watches no group (a spawn it was started for failed)."""
+        if not self._groups:
+            self._stop()
+
     def watch(self, pgid: int) -> None:
         """Kill group ``pgid`` if the broker dies; call while its leader is unreaped.
 

@@ -264,6 +264,7 @@ async def spawn_child(
                 preexec_fn=preexec,
             )
         except (OSError, subprocess.SubprocessError) as exc:
+            reaper.stop_if_idle()
             raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
         try:
             reaper.watch(popen.pid)

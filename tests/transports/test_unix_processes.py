@@ -524,6 +524,7 @@ async def test_spawn_errors_name_the_program_and_close_the_control(
     with pytest.raises(ValueError):
         control.fileno()
     await channel.aclose()
+    assert current_group_reaper().pid is None, "no reaper is left for a failed spawn"
 
 
 async def test_spawn_refuses_a_foreign_child_control(child_env: dict[str, str]) -> None:
