@@ -306,7 +306,10 @@ class ChildProcess(Protocol):
     """A backend process spawned by ``spawn_child``.
 
     The child is in its own process group (Unix) or job object (Windows) and dies
-    with the parent (Linux ``PR_SET_PDEATHSIG``; Windows kill-on-close job).
+    with the parent (Linux ``PR_SET_PDEATHSIG``; Windows kill-on-close job), and so
+    does the rest of its group, even when the parent is SIGKILLed (Unix: a reaper
+    process). On Unix the group also goes when the child itself exits: it is
+    SIGKILLed when the exit is noticed, before the child is reaped.
     """
 
     @property
