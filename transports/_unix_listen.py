@@ -4,10 +4,10 @@ What this module does: ``open_listener`` binds an ``AF_UNIX`` stream socket at a
 path inside a private directory, with the socket file mode 0600. An existing path
 is refused (``EndpointInUseError``) unless it is provably a dead socket of ours:
 a socket file, owned by the euid, that refuses connections and (on Linux) that no
-open socket is bound to; only then it is unlinked (stale cleanup after a crash). ``UnixListener.accept`` yields
-``trio.SocketStream`` objects and reports descriptor exhaustion as
-``FdExhaustedError``; ``aclose`` removes the socket file only if it is still the
-inode this listener bound. ``remove_stale_backend_endpoints`` applies the same
+open socket is bound to; only then it is unlinked (stale cleanup after a crash).
+``UnixListener.accept`` yields ``trio.SocketStream`` objects and reports descriptor
+exhaustion as ``FdExhaustedError``; ``aclose`` removes the socket file only if it
+is still the inode this listener bound. ``remove_stale_backend_endpoints`` applies the same
 proof of death to every backend endpoint name of ours in a runtime directory
 (what a SIGKILLed broker's backends leave behind) and removes those.
 
