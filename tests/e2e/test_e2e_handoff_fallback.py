@@ -73,8 +73,13 @@ async def test_backend_dying_with_the_fd_gives_a_working_route_or_a_typed_error(
             await broker.wait_connections_closed()
             assert len(broker.handoff.acks) == 0
             assert broker.handoff.tokens.pending_count == 0
-            crashed = [e for e in broker.recent_events() if e.kind is EventKind.CRASHED]
-            assert crashed, "the broker noticed the backend's death"
+            # The broker notices the backend's death, possibly only after the
+            # client already has its answer. No checkpoint between the look at the
+            # log and the subscription, so the event cannot slip between them.
+            if not any(e.kind is EventKind.CRASHED for e in broker.recent_events()):
+                async for event in broker.iter_events():
+                    if event.kind is EventKind.CRASHED:
+                        break
 
 
 async def test_replayed_token_is_refused_by_the_backend(
