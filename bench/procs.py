@@ -147,10 +147,12 @@ class BrokerProcess(ServerProcess):
         super().__init__("broker")
         services = self.root / "svc"
         services.mkdir(mode=0o700)
-        (services / "echo.toml").write_text(
+        definition = services / "echo.toml"
+        definition.write_text(
             f'service_name = "echo"\ncommand = ["{sys.executable}", "{ECHO_BACKEND}"]\n'
             "idle_timeout_secs = 3600\n"
         )
+        definition.chmod(0o600)  # definitions must be private to the broker's user
         self.services_dir = services
 
     def start_broker(self) -> None:

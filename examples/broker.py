@@ -24,10 +24,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def private_services_copy(workdir: Path) -> Path:
-    """Copy examples/services into a 0700 directory (git does not keep modes)."""
+    """Copy examples/services into a 0700 directory with 0600 files (git does not keep modes)."""
     services = workdir / "services"
     shutil.copytree(HERE / "services", services)
     services.chmod(0o700)
+    for definition in services.iterdir():
+        definition.chmod(0o600)
     # The {services_dir}/../echo_backend.py placeholder must resolve next to it.
     shutil.copy(HERE / "echo_backend.py", workdir / "echo_backend.py")
     return services

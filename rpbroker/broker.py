@@ -48,13 +48,14 @@ from rpbroker.policy.hello import (
     negotiated_keepalive,
 )
 from rpbroker.policy.lifecycle import DEFAULT_TERMINATE_GRACE_S
+from rpbroker.preflight import check_broker_start
 from rpbroker.service_manager import ServiceManagerLink
 from rpbroker.services import (
-    InvalidServiceName,
+    LoadFailure,
     ServiceCatalog,
     ServiceLoadError,
-    ServiceNotFound,
     ServiceSpec,
+    refusal_for,
 )
 from rpbroker.supervisor import BackendKey, BackendRegistry, Incarnation
 from rpbroker.supervisor.incarnation import REAP_TIMEOUT_S
@@ -239,7 +240,10 @@ class Broker:
     async def serve(
         self, *, task_status: trio.TaskStatus[Broker] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Bind, report ready through ``task_status``, and serve until shut down.
+        """Check the directories, bind, report ready through ``task_status``, serve until shut down.
+
+        Raises the start-up errors of ``rpbroker.preflight.check_broker_start``
+        before binding anything.
 
         Cancellation: cancelling the scope that runs ``serve`` (at any point,
         start-up included) performs the same graceful shutdown, shielded and
@@ -248,6 +252,7 @@ class Broker:
         is left, and the call returns.
         """
         try:
+            check_broker_start(self.config)
             listener = await self._service_manager.open_listener(self.socket_path)
         except BaseException:
             self._finish_stopped()
@@ -512,20 +517,14 @@ class Broker:
     def _load_service(self, name: str) -> ServiceSpec | Refusal:
         try:
             return self._catalog.load(name)
-        except InvalidServiceName:
-            return Refusal(RefusalCode.PEER_REJECTED, "invalid service_name")
-        except ServiceNotFound:
-            return Refusal(
-                RefusalCode.SERVICE_UNKNOWN,
-                "service definition was not found",
-                details={RefusalDetail.SERVICE_NAME: name},
-            )
         except ServiceLoadError as exc:
-            return Refusal(
-                RefusalCode.SERVICE_UNKNOWN,
-                f"service definition could not be loaded: {exc}",
-                details={RefusalDetail.SERVICE_NAME: name},
+            code, reason = refusal_for(exc)
+            if exc.kind is LoadFailure.UNLOADABLE:
+                logger.warning("Hello for service %r refused (%s): %s", name, code.name, exc)
+            details = (
+                {RefusalDetail.SERVICE_NAME: name} if code is RefusalCode.SERVICE_UNKNOWN else {}
             )
+            return Refusal(code, reason, details=details)
 
     async def _acquire(
         self, key: BackendKey, spec: ServiceSpec, frame: Frame, stream: trio.abc.Stream

@@ -6,6 +6,7 @@ socket file; under systemd it serves the socket passed to it, leaves that file i
 place, and reports readiness with ``sd_notify``), and sends admin verbs and
 broadcast requests to a running broker, printing the reply (JSON with
 ``--json`` where it applies) and exiting with the reply's exit code.
+``rpbroker check`` validates a services directory offline.
 
 What it does not do: daemonise, or read configuration files other than the
 service definitions the broker itself loads.
@@ -99,7 +100,35 @@ def _parser() -> argparse.ArgumentParser:
         op.add_argument("--json", action="store_true")
         op.add_argument("--ack-timeout", type=float, default=None, metavar="SECONDS")
         op.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    _add_check_parser(sub)
     return parser
+
+
+def _add_check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = sub.add_parser(
+        "check", help="validate a services directory offline (exit 1 if any problem)"
+    )
+    check.add_argument("--services", required=True, help="service definitions directory")
+
+
+def _run_check(services: str) -> int:
+    """``rpbroker check``: print every problem (file, field, fix); 1 if any, else 0."""
+    # Imported here so this command stays one self-contained piece of the module.
+    from rpbroker.servicecheck import check_services_directory
+    from rpbroker.services import ServiceDirectoryError
+
+    try:
+        report = check_services_directory(services)
+    except ServiceDirectoryError as exc:
+        print(exc)
+        return 1
+    for problem in report.problems:
+        print(problem)
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) in {report.directory}")
+        return 1
+    print(f"{report.directory}: {len(report.services)} service definition(s), no problems")
+    return 0
 
 
 async def _serve(config: BrokerConfig) -> None:
@@ -142,6 +171,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _run_check(args.services)
     try:
         if args.command == "serve":
             logging.basicConfig(

@@ -40,23 +40,48 @@ live as one file per service in a *services directory*:
 When both files exist for a name, **the TOML file wins** and the ``.servicedef`` is
 not read at all.
 
-Every load re-checks the directory and re-reads the file, so an edit takes effect at
-the next Hello. Validation order: the requested name must match ``[a-z0-9-]{1,64}``
-before any path is formed (so ``../x`` can never name a file); then the directory
-must exist and grant nothing to group or others (``mode & 0o077 == 0``, following
-symlinks); then the file is read, structured and validated; the name the file
+Every load re-checks the directory and the file, so an edit takes effect at the next
+Hello. Validation order: the requested name must match ``[a-z0-9-]{1,64}`` before any
+path is formed (so ``../x`` can never name a file); then the directory rule; then the
+file rule; then the file is read, structured and validated; the name the file
 declares must equal the name it was loaded as.
 
-Git does not record directory modes: a checked-out ``examples/services`` is usually
-0755 and will be refused until it is ``chmod 700``-ed (or copied into a private
-directory, e.g. by :func:`ensure_services_directory`).
+The security rules (stricter than the reference, which follows symbolic links and
+ignores owners):
 
-On Windows the group/other check relies on POSIX mode bits, which Windows does not
-have; there it is skipped (an ACL check is not implemented).
+- *directory rule*: the services directory itself (``lstat``: a symbolic link is
+  refused even if it points to a good directory) is a directory owned by the
+  broker's user with no group or other permission bits (``transports.verify_private_dir``);
+- *file rule*: a definition file is, before it is opened and again on the opened
+  descriptor, a regular file (never a symbolic link, FIFO, device, socket or
+  directory) owned by the broker's user with no group or other permission bits
+  (``transports.read_private_file``); violations raise :class:`InsecureServiceFile`;
+- *size rule*: at most :data:`MAX_DEFINITION_BYTES`.
+
+Why reads are synchronous, and why that is enough: a definition is read on the
+event loop, but only after the file rule proved it a regular file (a FIFO or device
+is refused before any ``open``, and one swapped in later opens without waiting
+because of ``O_NONBLOCK`` and is refused by ``fstat``), and never more than
+:data:`MAX_DEFINITION_BYTES` of it. :class:`ServiceCatalog` reads only when the
+file's ``lstat`` signature changed, so a steady Hello costs two ``lstat`` calls (the
+directory's and the file's; three when a ``.servicedef`` is used). A worker thread
+would not protect against a hung network file system anyway: the per-Hello
+``lstat`` that makes edits apply at once would hang just the same; and under
+``trio.testing.MockClock`` a thread lets the clock jump while it runs.
+
+Git records neither directory modes nor the 0600 a definition needs: a checked-out
+``examples/services`` is refused until it is ``chmod 700``-ed and its files ``chmod
+600``-ed (or copied into a private directory, e.g. by
+:func:`ensure_services_directory`).
+
+On Windows owners and the group/other bits are not checked (POSIX modes do not
+exist there and an ACL check is not implemented); links and non-regular files are
+refused as on Unix.
 
 What it does not do
 -------------------
-Spawn backends, cache definitions, or watch the directory for changes. Mapping a
+Spawn backends, watch the directory for changes, or check a whole directory at once
+(:mod:`rpbroker.servicecheck` does, for start-up and ``rpbroker check``). Mapping a
 load failure onto a wire refusal is offered by :func:`refusal_for`; deciding when to
 load is the broker's.
 """
@@ -92,7 +117,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_SECS",
+    "MAX_DEFINITION_BYTES",
     "InsecureServiceDirectory",
+    "InsecureServiceFile",
     "InvalidServiceName",
     "Isolation",
     "LoadFailure",
@@ -100,10 +127,12 @@ __all__ = [
     "ServiceDirectoryError",
     "ServiceDirectoryMissing",
     "ServiceDirectoryUnusable",
+    "ServiceCatalog",
     "ServiceLoadError",
     "ServiceNotFound",
     "ServiceSpec",
     "ensure_services_directory",
+    "definition_entries",
     "list_services",
     "load_service",
     "refusal_for",
@@ -112,6 +141,12 @@ __all__ = [
 
 #: Idle timeout of a backend whose definition does not set one, seconds (SPEC §7).
 DEFAULT_IDLE_TIMEOUT_SECS: Final[float] = 30.0
+
+#: Largest definition file that is read, bytes. A definition is a few hundred bytes;
+#: 64 KiB leaves room for long argv and env tables while bounding what one Hello can
+#: make the event loop read and parse (about 10 ms of TOML parsing at this size;
+#: 1 MiB would be about 160 ms).
+MAX_DEFINITION_BYTES: Final[int] = 64 * 1024
 
 TOML_SUFFIX: Final[str] = ".toml"
 SERVICEDEF_SUFFIX: Final[str] = ".servicedef"
@@ -249,6 +284,8 @@ class ServiceDefinitionError(ServiceLoadError):
     a TOML syntax error); ``message`` says what is wrong and what is expected.
     """
 
+    path: Path
+
     def __init__(self, path: Path, field: str | None, message: str) -> None:
         where = f"field '{field}': " if field is not None else ""
         super().__init__(path, f"{path}: {where}{message}")
@@ -284,16 +321,31 @@ class ServiceDirectoryUnusable(ServiceDirectoryError):
 
 
 class InsecureServiceDirectory(ServiceDirectoryError):
-    """The services directory grants some access to group or others."""
+    """The services directory fails the directory rule (link, owner, group/other bits).
 
-    def __init__(self, path: Path, mode: int) -> None:
+    ``problem`` says what is wrong, ``fix`` the command that repairs it.
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
         super().__init__(
             path,
-            f"services directory {path} has mode {mode:04o}, which gives group or others "
-            f"access; definitions are only loaded from a private directory: "
-            f"run 'chmod 700 {path}'",
+            f"services directory {path} {problem}; definitions are only loaded from a "
+            f"directory private to the broker's user: {fix}",
         )
-        self.mode = mode
+        self.problem = problem
+        self.fix = fix
+
+
+class InsecureServiceFile(ServiceDefinitionError):
+    """A definition file fails the file rule (not a regular file, owner, group/other bits).
+
+    It is never opened (or, if it changed in between, never read).
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        super().__init__(path, None, f"{problem}; {fix}")
+        self.problem = problem
+        self.fix = fix
 
 
 def refusal_for(error: ServiceLoadError) -> tuple[RefusalCode, str]:
@@ -320,19 +372,32 @@ def _absolute(directory: os.PathLike[str] | str) -> Path:
 
 
 def _check_directory(directory: Path) -> None:
-    """Refuse a missing, non-directory or group/other-accessible services directory."""
+    """Apply the directory rule (one ``lstat``); raise a :class:`ServiceDirectoryError`."""
     try:
-        st = os.stat(directory)
+        transports.verify_private_dir(directory)
+    except transports.InsecurePathError as exc:
+        raise _directory_error(directory, exc) from None
+
+
+def _directory_error(directory: Path, exc: transports.InsecurePathError) -> ServiceDirectoryError:
+    """Say which of missing, unusable or insecure the refused ``directory`` is."""
+    try:
+        st = os.lstat(directory)
     except FileNotFoundError:
-        raise ServiceDirectoryMissing(directory) from None
+        return ServiceDirectoryMissing(directory)
     except NotADirectoryError:
-        raise ServiceDirectoryUnusable(directory, "a parent is not a directory") from None
-    except OSError as exc:
-        raise ServiceDirectoryUnusable(directory, exc.strerror or str(exc)) from exc
+        return ServiceDirectoryUnusable(directory, "a parent is not a directory")
+    except OSError as error:
+        return ServiceDirectoryUnusable(directory, error.strerror or str(error))
+    if stat.S_ISLNK(st.st_mode):
+        return InsecureServiceDirectory(
+            directory,
+            "is a symbolic link (links are not followed)",
+            f"use the directory itself ({os.path.realpath(directory)}) or replace the link with it",
+        )
     if not stat.S_ISDIR(st.st_mode):
-        raise ServiceDirectoryUnusable(directory, "it is not a directory")
-    if not transports.mode_is_private(st.st_mode):
-        raise InsecureServiceDirectory(directory, stat.S_IMODE(st.st_mode))
+        return ServiceDirectoryUnusable(directory, "it is not a directory")
+    return InsecureServiceDirectory(directory, exc.problem, exc.fix)
 
 
 def ensure_services_directory(path: os.PathLike[str] | str) -> Path:
@@ -578,7 +643,8 @@ def _validate(source: Path, requested: str, c: _Candidate) -> ServiceSpec:
     if c.service_name != requested:
         raise fail(
             "service_name",
-            f"file declares {_short_repr(c.service_name)} but was loaded as '{requested}'",
+            f"file declares {_short_repr(c.service_name)} but was loaded as '{requested}': "
+            f'set service_name = "{requested}" or rename the file',
         )
     if c.min_version is not None and not is_valid_semver(c.min_version):
         raise fail(
@@ -734,13 +800,36 @@ def _load_servicedef(path: Path, data: bytes, requested: str) -> ServiceSpec:
 
 
 def _read(path: Path) -> bytes | None:
-    """The file's bytes, or ``None`` when it does not exist."""
+    """The file's bytes under the file and size rules, or ``None`` when it does not exist."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+        data = transports.read_private_file(os.fspath(path), MAX_DEFINITION_BYTES)
+    except transports.InsecurePathError as exc:
+        raise InsecureServiceFile(path, exc.problem, exc.fix) from None
     except OSError as exc:
         raise ServiceDefinitionError(path, None, f"cannot be read: {exc.strerror or exc}") from exc
+    if data is not None and len(data) > MAX_DEFINITION_BYTES:
+        raise ServiceDefinitionError(
+            path,
+            None,
+            f"is larger than {MAX_DEFINITION_BYTES} bytes, the limit for a definition "
+            "(a definition is a few hundred bytes): shorten it",
+        )
+    return data
+
+
+def _load_file(path: Path, requested: str, directory: Path) -> ServiceSpec | None:
+    """Read and validate the definition at ``path``; ``None`` when it does not exist."""
+    data = _read(path)
+    if data is None:
+        return None
+    if path.suffix == TOML_SUFFIX:
+        return _load_toml(path, data, requested, directory)
+    return _load_servicedef(path, data, requested)
+
+
+def _candidates(directory: Path, name: str) -> tuple[Path, Path]:
+    """The definition paths of ``name`` in the order they are tried (TOML wins)."""
+    return directory / f"{name}{TOML_SUFFIX}", directory / f"{name}{SERVICEDEF_SUFFIX}"
 
 
 # ---------------------------------------------------------------------------
@@ -760,75 +849,108 @@ def load_service(directory: os.PathLike[str] | str, name: str) -> ServiceSpec:
         raise InvalidServiceName(name)
     root = _absolute(directory)
     _check_directory(root)
-    toml_path = root / f"{name}{TOML_SUFFIX}"
-    data = _read(toml_path)
-    if data is not None:
-        return _load_toml(toml_path, data, name, root)
-    servicedef_path = root / f"{name}{SERVICEDEF_SUFFIX}"
-    data = _read(servicedef_path)
-    if data is not None:
-        return _load_servicedef(servicedef_path, data, name)
+    for path in _candidates(root, name):
+        spec = _load_file(path, name, root)
+        if spec is not None:
+            return spec
     raise ServiceNotFound(root, name)
 
 
-class ServiceCatalog:
-    """``load_service`` for a broker: checked on every call, parsed only when changed.
+@attrs.frozen
+class _Verified:
+    """A definition that passed every rule, and the ``lstat`` signature it had."""
 
-    Every ``load`` applies the directory rule and stats the definition file, so an
-    edit, a replacement or a removal is seen by the very next Hello, exactly as with
-    ``load_service``. Only when the file's identity (inode, size, change and
-    modification times in ns) is unchanged is the previously validated spec reused
-    instead of parsing the same bytes again. Failures are never cached.
+    path: Path
+    signature: tuple[int, ...]
+    spec: ServiceSpec
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever the file's bytes, type, owner or mode change (ctime covers all)."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ServiceCatalog:
+    """``load_service`` for a broker: checked on every call, read only when changed.
+
+    Every ``load`` applies the directory rule and ``lstat``s the definition file, so
+    an edit, a replacement, a removal, a ``chmod``/``chown`` or a symbolic link put
+    in its place is seen by the very next Hello, exactly as with ``load_service``.
+    Only when the file's ``lstat`` signature (device, inode, type and mode, owner,
+    size, modification and change times in ns) is the one it had when it last passed
+    every rule is the validated spec reused instead of reading the file again.
+    Failures are never cached.
     """
 
     def __init__(self, directory: os.PathLike[str] | str) -> None:
         self._root = _absolute(directory)
-        self._cache: dict[str, tuple[tuple[int, ...], ServiceSpec]] = {}
+        self._verified: dict[str, _Verified] = {}
 
     @property
     def directory(self) -> Path:
         return self._root
 
     def load(self, name: str) -> ServiceSpec:
+        """The spec of ``name``: ``lstat`` calls only when unchanged, a bounded read otherwise.
+
+        Raises what :func:`load_service` raises.
+        """
         if not is_valid_service_name(name):
             raise InvalidServiceName(name)
         _check_directory(self._root)
-        signature = _file_signature(self._root / f"{name}{TOML_SUFFIX}") or _file_signature(
-            self._root / f"{name}{SERVICEDEF_SUFFIX}"
-        )
-        cached = self._cache.get(name)
-        if signature is not None and cached is not None and cached[0] == signature:
-            return cached[1]
-        self._cache.pop(name, None)
-        spec = load_service(self._root, name)
-        if signature is not None:
-            self._cache[name] = (signature, spec)
-        return spec
-
-
-def _file_signature(path: Path) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        for path in _candidates(self._root, name):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ServiceDefinitionError(
+                    path, None, f"cannot be examined: {exc.strerror or exc}"
+                ) from exc
+            signature = _signature(st)
+            verified = self._verified.get(name)
+            if verified is not None and (verified.path, verified.signature) == (path, signature):
+                return verified.spec
+            self._verified.pop(name, None)
+            spec = _load_file(path, name, self._root)
+            if spec is None:
+                continue  # removed since the lstat
+            self._verified[name] = _Verified(path, signature, spec)
+            return spec
+        self._verified.pop(name, None)
+        raise ServiceNotFound(self._root, name)
 
 
 def list_services(directory: os.PathLike[str] | str) -> list[str]:
-    """Sorted names that have a ``<name>.toml`` or ``<name>.servicedef`` file.
+    """Sorted names that have a ``<name>.toml`` or ``<name>.servicedef`` regular file.
 
-    Only the file names are looked at (the files are not validated); the directory
-    rule applies as for :func:`load_service`.
+    Only the entries are looked at, without following links (the files are not
+    validated); the directory rule applies as for :func:`load_service`.
+    """
+    return sorted(
+        name
+        for name, is_regular in definition_entries(directory).items()
+        if is_valid_service_name(name) and is_regular
+    )
+
+
+def definition_entries(directory: os.PathLike[str] | str) -> dict[str, bool]:
+    """Every stem of a ``*.toml``/``*.servicedef`` entry, valid name or not.
+
+    Maps each stem to whether one of its entries is a regular file (``lstat``). The
+    directory rule applies as for :func:`load_service`.
     """
     root = _absolute(directory)
     _check_directory(root)
-    names: set[str] = set()
-    for entry in os.scandir(root):
-        for suffix in (TOML_SUFFIX, SERVICEDEF_SUFFIX):
-            stem = entry.name.removesuffix(suffix)
-            if stem != entry.name and is_valid_service_name(stem) and entry.is_file():
-                names.add(stem)
-    return sorted(names)
+    found: dict[str, bool] = {}
+    with os.scandir(root) as entries:
+        for entry in entries:
+            for suffix in (TOML_SUFFIX, SERVICEDEF_SUFFIX):
+                stem = entry.name.removesuffix(suffix)
+                if stem != entry.name and stem:
+                    regular = entry.is_file(follow_symlinks=False)
+                    found[stem] = found.get(stem, False) or regular
+    return found
 
 
 def _to_servicedef(spec: ServiceSpec) -> ServiceDefinition:

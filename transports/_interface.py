@@ -57,6 +57,35 @@ class EndpointNameError(TransportError):
     """An endpoint name is invalid or the resulting path exceeds the platform limit."""
 
 
+class RuntimeDirTooLongError(EndpointNameError):
+    """Backend endpoints in a runtime directory would exceed the platform's path limit.
+
+    Every backend endpoint name has the same length, so one directory either fits
+    all of them or none. The byte counts say by how much it misses.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        directory_bytes: int,
+        endpoint_bytes: int,
+        limit_bytes: int,
+        max_directory_bytes: int,
+    ) -> None:
+        super().__init__(
+            f"runtime directory {directory} is {directory_bytes} bytes long, so backend "
+            f"endpoints in it would be {endpoint_bytes} bytes, more than the {limit_bytes}-byte "
+            f"socket path limit (sun_path) of this platform; use a runtime directory of at most "
+            f"{max_directory_bytes} bytes"
+        )
+        self.directory = directory
+        self.directory_bytes = directory_bytes
+        self.endpoint_bytes = endpoint_bytes
+        self.limit_bytes = limit_bytes
+        self.max_directory_bytes = max_directory_bytes
+
+
 class EndpointInUseError(TransportError):
     """Binding refused: the path exists and is not provably a dead socket of ours."""
 
@@ -318,7 +347,10 @@ class ChildProcess(Protocol):
     """A backend process spawned by ``spawn_child``.
 
     The child is in its own process group (Unix) or job object (Windows) and dies
-    with the parent (Linux ``PR_SET_PDEATHSIG``; Windows kill-on-close job).
+    with the parent (Linux ``PR_SET_PDEATHSIG``; Windows kill-on-close job), and so
+    does the rest of its group, even when the parent is SIGKILLed (Unix: a reaper
+    process). On Unix the group also goes when the child itself exits: it is
+    SIGKILLed when the exit is noticed, before the child is reaped.
     """
 
     @property

@@ -7,7 +7,8 @@ Each concept lives in its own module:
 - ``_unix_paths``: current user, runtime directory, private-directory check,
   endpoint names and the ``sun_path`` limit;
 - ``_unix_listen`` / ``_unix_connect``: binding (with squatting refusal and stale
-  socket cleanup) and connecting;
+  socket cleanup, also of a whole runtime directory) and connecting;
+- ``_unix_files``: reading a small private file without ever blocking;
 - ``_unix_peer``: peer credentials;
 - ``_unix_fdpass``: sending a descriptor with its token;
 - ``_unix_control``: the framed broker-to-backend socketpair;
@@ -15,6 +16,9 @@ Each concept lives in its own module:
 - ``_unix_fds``: descriptor counting, listing and closing helpers;
 - ``_unix_children``: this process's unreaped children, from ``/proc``;
 - ``_unix_systemd``: the socket systemd passes and the ``sd_notify`` messages.
+- ``_unix_reaper`` / ``_unix_reaper_program``: the helper process that kills those
+  groups when the broker dies;
+- ``_unix_fds``: descriptor counting and closing helpers.
 
 What it does not do: anything on Windows (``transports._windows``), or speak
 protobuf, or apply policy.
@@ -39,11 +43,14 @@ from transports._unix_control import (
     open_inherited_control_channel,
 )
 from transports._unix_fds import fd_usage_ratio, open_fd_count, open_fds, wait_peer_closed
-from transports._unix_listen import UnixListener, open_listener
+from transports._unix_files import read_private_file
+from transports._unix_listen import UnixListener, open_listener, remove_stale_backend_endpoints
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
     broker_endpoint,
+    check_backend_endpoint_room,
     current_user,
+    ensure_private_dir,
     mode_is_private,
     new_backend_endpoint,
     runtime_dir,
@@ -68,10 +75,12 @@ __all__ = [
     "UnixServiceNotifier",
     "broker_endpoint",
     "child_processes",
+    "check_backend_endpoint_room",
     "connect",
     "connect_blocking",
     "current_user",
     "inherited_listener",
+    "ensure_private_dir",
     "new_backend_endpoint",
     "open_control_pair",
     "fd_usage_ratio",
@@ -80,6 +89,8 @@ __all__ = [
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",
+    "read_private_file",
+    "remove_stale_backend_endpoints",
     "runtime_dir",
     "service_notifier",
     "short_temp_dir",

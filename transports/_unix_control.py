@@ -26,7 +26,6 @@ assert sys.platform != "win32", "transports._unix_control is part of the Unix tr
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import socket
@@ -58,7 +57,13 @@ from transports._unix_fdpass import (
     send_fd_with_token,
     write_all_to_fd,
 )
-from transports._unix_fds import close_fd_quietly, close_socket_quietly, stream_from_fd
+from transports._unix_fds import (
+    MIN_NON_STDIO_FD,
+    above_stdio,
+    close_fd_quietly,
+    close_socket_quietly,
+    stream_from_fd,
+)
 from transports._unix_peer import socket_peer_identity
 
 #: v1 frame header: framing byte, u32 little-endian body length.
@@ -78,9 +83,6 @@ _PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, er
 
 #: Value format of ``CONTROL_CHANNEL_ENV``: ``fd:<decimal descriptor>``.
 _ENV_VALUE = re.compile(r"fd:([0-9]{1,9})")
-
-#: Lowest descriptor accepted from the environment: 0-2 are stdio, never ours.
-_MIN_INHERITED_FD = 3
 
 
 class UnixControlChannel:
@@ -497,13 +499,10 @@ def open_control_pair() -> tuple[UnixControlChannel, UnixChildControl]:
     child's end to exactly one child (``pass_fds``), so no other process started
     meanwhile inherits it. ``ChildControl.env`` names it as ``fd:<n>``.
     """
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    if child_end.fileno() < _MIN_INHERITED_FD:
-        # A parent started with closed stdio can get 0-2 here, which the child's
-        # stdio setup would overwrite: move it above the standard streams.
-        moved = fcntl.fcntl(child_end.fileno(), fcntl.F_DUPFD_CLOEXEC, _MIN_INHERITED_FD)
-        child_end.close()
-        child_end = socket.socket(fileno=moved)
+    parent_end, child_end = (
+        socket.socket(fileno=above_stdio(end.detach()))
+        for end in socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    )
     channel = UnixControlChannel(parent_end, peer_pid=0)
     return channel, UnixChildControl(child_end, channel)
 
@@ -533,7 +532,7 @@ async def open_inherited_control_channel(
     if match is None:
         raise TransportError(f"{CONTROL_CHANNEL_ENV}={value!r} is not of the form fd:<n>")
     fd = int(match.group(1))
-    if fd < _MIN_INHERITED_FD:
+    if fd < MIN_NON_STDIO_FD:  # 0-2 are stdio, never ours
         raise TransportError(f"{CONTROL_CHANNEL_ENV} names fd {fd}, a standard stream")
     try:
         st = os.fstat(fd)

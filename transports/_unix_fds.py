@@ -1,8 +1,10 @@
 """Small helpers for raw file descriptors on Unix.
 
 What this module does: counts the process's open descriptors (``open_fd_count``,
-used for fd-pressure decisions and leak tests) and lists them with what each one
-refers to (``open_fds``, for leak reports), closes descriptors and sockets
+used for fd-pressure decisions and leak tests), lists them with what each one
+refers to (``open_fds``, for leak reports), reports descriptor use against the
+limit (``fd_usage_ratio``), moves descriptors above the standard streams
+(``above_stdio``), closes descriptors and sockets
 that trio may be watching without raising, and turns a raw descriptor received
 from another process into a ``trio.SocketStream``.
 
@@ -20,6 +22,7 @@ import sys
 assert sys.platform != "win32", "transports._unix_fds is part of the Unix transport"
 
 import contextlib
+import fcntl
 import os
 import resource
 import socket
@@ -79,6 +82,25 @@ def open_fds() -> dict[int, str] | None:
                 found[int(entry)] = ""  # exists but is not a link (fdescfs)
         return found
     return None
+
+
+#: Lowest descriptor number that no child's standard stream setup overwrites or
+#: inherits (0-2 are stdin, stdout, stderr).
+MIN_NON_STDIO_FD = 3
+
+
+def above_stdio(fd: int) -> int:
+    """``fd`` itself if it is above 2, else a close-on-exec duplicate above 2 (``fd`` is closed).
+
+    A process started with closed standard streams gets 0-2 from ``pipe`` or
+    ``socketpair``; a child would then have those replaced by its stdio set-up, or
+    inherit them as its stdio.
+    """
+    if fd >= MIN_NON_STDIO_FD:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, MIN_NON_STDIO_FD)
+    os.close(fd)
+    return moved
 
 
 def _notify_closing(target: int | socket.socket) -> None:

@@ -3,12 +3,15 @@
 What this module does: ``open_listener`` binds an ``AF_UNIX`` stream socket at a
 path inside a private directory, with the socket file mode 0600. An existing path
 is refused (``EndpointInUseError``) unless it is provably a dead socket of ours:
-a socket file, owned by the euid, that refuses connections; only then it is
-unlinked (stale cleanup after a crash). ``UnixListener.accept`` yields
-``trio.SocketStream`` objects and reports descriptor exhaustion as
-``FdExhaustedError``; ``aclose`` removes the socket file only if it is still the
-inode this listener bound. A listener over a socket that another process bound
-(socket activation, ``transports._unix_systemd``) never removes the file.
+a socket file, owned by the euid, that refuses connections and (on Linux) that no
+open socket is bound to; only then it is unlinked (stale cleanup after a crash).
+``UnixListener.accept`` yields ``trio.SocketStream`` objects and reports descriptor
+exhaustion as ``FdExhaustedError``; ``aclose`` removes the socket file only if it
+is still the inode this listener bound. A listener over a socket that another
+process bound (socket activation, ``transports._unix_systemd``) never removes the
+file. ``remove_stale_backend_endpoints`` applies the same proof of death to every
+backend endpoint name of ours in a runtime directory (what a SIGKILLed broker's
+backends leave behind) and removes those.
 
 What it does not do: check the credentials of accepted peers (the broker calls
 ``peer_identity``), read from accepted connections, or retry after EMFILE (the
@@ -24,7 +27,6 @@ import sys
 # skip this module (the imports below are therefore not at the top: E402).
 assert sys.platform != "win32", "transports._unix_listen is part of the Unix transport"
 
-import contextlib
 import errno
 import os
 import socket
@@ -37,7 +39,7 @@ from transports._interface import (
     FdExhaustedError,
     TransportError,
 )
-from transports._unix_paths import check_sun_path, ensure_private_dir
+from transports._unix_paths import check_sun_path, ensure_private_dir, is_backend_endpoint_name
 
 #: Listen backlog (connections): enough for a burst of clients starting at once;
 #: the kernel clamps it to ``net.core.somaxconn``.
@@ -50,6 +52,9 @@ SOCKET_FILE_MODE = 0o600
 #: 0600, even for the moment before the explicit ``chmod``. The umask is
 #: process-wide; for that instant other threads can only create narrower files.
 _BIND_UMASK = 0o177
+
+#: Linux's table of open AF_UNIX sockets with the addresses they are bound to.
+_PROC_NET_UNIX = "/proc/net/unix"
 
 #: accept() errors caused by the peer or a signal, not by the listener: retry.
 _TRANSIENT_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
@@ -121,28 +126,36 @@ class UnixListener:
         await trio.lowlevel.checkpoint()
 
 
-def _unlink_if_same_inode(path: str, inode: tuple[int, int]) -> None:
-    """Remove ``path`` only if it is still the file identified by (st_dev, st_ino)."""
+def _unlink_if_same_inode(path: str, inode: tuple[int, int]) -> bool:
+    """Remove ``path`` only if it is still the file identified by (st_dev, st_ino).
+
+    Returns whether this call removed it.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
-    if (st.st_dev, st.st_ino) == inode:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        return False
+    if (st.st_dev, st.st_ino) != inode:
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
-def _clear_stale_socket(path: str) -> None:
+def _clear_stale_socket(path: str) -> bool:
     """Make ``path`` free for binding or raise ``EndpointInUseError``.
 
     Removes the path only when it is a socket file owned by the euid that refuses
     connections (ECONNREFUSED: nobody listens). Regular files, symbolic links,
     another user's socket and live sockets are refused without being touched.
+    Returns whether a stale socket was removed.
     """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket"
         raise EndpointInUseError(
@@ -174,7 +187,68 @@ def _clear_stale_socket(path: str) -> None:
             raise EndpointInUseError(f"{path} is in use: another process is listening on it")
     finally:
         probe.close()
-    _unlink_if_same_inode(path, (st.st_dev, st.st_ino))
+    # Refused, but a socket between its bind() and listen() refuses too. Checked
+    # after the probe: the file existed before it, so the socket that made it, if
+    # still open, is listed now.
+    if _bound_by_an_open_socket(path):
+        raise EndpointInUseError(
+            f"{path} is in use: a live socket is bound to it and not yet listening"
+        )
+    return _unlink_if_same_inode(path, (st.st_dev, st.st_ino))
+
+
+def _bound_by_an_open_socket(path: str) -> bool:
+    """Linux: whether an open socket of this network namespace is bound to ``path``.
+
+    Read from ``/proc/net/unix``, which lists the address every open ``AF_UNIX``
+    socket was bound with (as given to ``bind``: relative addresses are compared
+    by name only). Elsewhere, or when the table cannot be read, returns False, so
+    the refused connection alone decides.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        with open(_PROC_NET_UNIX, encoding="utf-8", errors="replace") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return False
+    name = os.path.basename(path)
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) < 8 or os.path.basename(fields[7]) != name:
+            continue
+        bound = fields[7]
+        if not os.path.isabs(bound) or os.path.realpath(os.path.dirname(bound)) == directory:
+            return True
+    return False
+
+
+def remove_stale_backend_endpoints(directory: os.PathLike[str] | str) -> list[str]:
+    """Remove the dead backend endpoint sockets of the current user in ``directory``.
+
+    A file is removed only when all of this holds: its name is a backend endpoint
+    name of this user (``rpb-v1-<userhash>-be-<32 hex>.sock``), it is a socket file
+    (not a link or anything else), it is owned by the euid, and connecting to it
+    is refused (nobody listens). Anything else in the directory is left alone,
+    including live endpoints of other brokers that share it. Returns the removed
+    paths, sorted.
+
+    A socket between its ``bind`` and ``listen`` (a backend of another broker
+    sharing the directory, starting now) refuses connections too; on Linux it is
+    told apart by ``/proc/net/unix`` and kept. Elsewhere the refusal alone decides,
+    and such a socket (a window of microseconds) would lose its name.
+    """
+    removed: list[str] = []
+    with os.scandir(directory) as entries:
+        candidates = [entry.path for entry in entries if is_backend_endpoint_name(entry.name)]
+    for path in sorted(candidates):
+        try:
+            if _clear_stale_socket(path):
+                removed.append(path)
+        except EndpointInUseError:
+            continue  # alive, or not provably a dead socket of ours: not ours to remove
+    return removed
 
 
 def _parent_dir(path: str) -> str:

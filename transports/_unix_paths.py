@@ -4,7 +4,10 @@ What this module does: derives the current user's identity strings (``current_us
 ``user_hash``), picks and creates the per-user runtime directory, checks that a
 directory is private to the user (``verify_private_dir``), and builds endpoint
 paths (``broker_endpoint``, ``new_backend_endpoint``) that are valid names and fit
-in ``sockaddr_un.sun_path``.
+in ``sockaddr_un.sun_path``. It also answers, without touching anything, whether a
+directory has room for backend endpoints (``check_backend_endpoint_room``) and
+whether a file name is one of this user's backend endpoints
+(``is_backend_endpoint_name``, for the stale-endpoint sweep of ``_unix_listen``).
 
 What it does not do: open, bind or connect sockets (``_unix_listen`` and
 ``_unix_connect`` do), or decide which endpoint a service uses (the broker does).
@@ -29,7 +32,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from transports._interface import EndpointNameError, InsecurePathError
+from transports._interface import EndpointNameError, InsecurePathError, RuntimeDirTooLongError
 
 #: Usable bytes of ``sockaddr_un.sun_path``: the array is 108 bytes on Linux and
 #: 104 on macOS and the BSDs, and one byte is kept for the terminating NUL so the
@@ -51,6 +54,12 @@ _USER_HASH_HEX_CHARS = 16
 
 #: Random bytes in a backend endpoint name (128 bits, unguessable and collision-free).
 _BACKEND_NAME_RANDOM_BYTES = 16
+
+#: A backend endpoint's file name: ``rpb-v1-<userhash>-be-<32 hex>.sock``.
+_BACKEND_NAME_PATTERN = re.compile(
+    rf"{_ENDPOINT_PREFIX}-(?P<user>[0-9a-f]{{{_USER_HASH_HEX_CHARS}}})"
+    rf"-be-[0-9a-f]{{{2 * _BACKEND_NAME_RANDOM_BYTES}}}\.sock"
+)
 
 #: Allowed service/instance names: the same alphabet as the Hello shape check.
 _NAME_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
@@ -152,18 +161,32 @@ def verify_private_dir(path: os.PathLike[str] | str) -> None:
             f"remove it (rm {text}) and let rpbroker create the directory",
         )
     euid = os.geteuid()
+    check_owner_and_mode(
+        text,
+        st,
+        private_mode=PRIVATE_DIR_MODE,
+        owner_fix=f"remove it (rm -r {text}) or run: chown {euid} {text}",
+    )
+
+
+def check_owner_and_mode(
+    path: str, st: os.stat_result, *, private_mode: int, owner_fix: str
+) -> None:
+    """Raise ``InsecurePathError`` unless ``st`` is owned by the euid with no group/other bits.
+
+    ``owner_fix`` is the advice for another owner; for the mode the advice is to
+    ``chmod`` to ``private_mode``.
+    """
+    euid = os.geteuid()
     if st.st_uid != euid:
         raise InsecurePathError(
-            text,
-            f"is owned by uid {st.st_uid}, not by the current user (uid {euid})",
-            f"remove it (rm -r {text}) or run: chown {euid} {text}",
+            path, f"is owned by uid {st.st_uid}, not by the current user (uid {euid})", owner_fix
         )
     if st.st_mode & _GROUP_OTHER_BITS:
-        mode = stat.S_IMODE(st.st_mode)
         raise InsecurePathError(
-            text,
-            f"has mode {mode:04o}, which gives group or other users access",
-            f"run: chmod 700 {text}",
+            path,
+            f"has mode {stat.S_IMODE(st.st_mode):04o}, which gives group or other users access",
+            f"run: chmod {private_mode:o} {path}",
         )
 
 
@@ -223,7 +246,7 @@ def new_backend_endpoint(directory: Path | None = None) -> str:
     base = os.fspath(runtime_dir(create=False) if directory is None else directory)
     while True:
         suffix = secrets.token_bytes(_BACKEND_NAME_RANDOM_BYTES).hex()
-        path = os.path.join(base, f"{_ENDPOINT_PREFIX}-{user_hash()}-be-{suffix}.sock")
+        path = os.path.join(base, _backend_endpoint_name(suffix))
         check_sun_path(path)
         if not os.path.lexists(path):
             return path
@@ -240,6 +263,37 @@ def short_temp_dir() -> Path:
     if os.path.isdir("/tmp"):
         return Path("/tmp")
     return Path(tempfile.gettempdir())
+
+
+def _backend_endpoint_name(random_hex: str) -> str:
+    return f"{_ENDPOINT_PREFIX}-{user_hash()}-be-{random_hex}.sock"
+
+
+def is_backend_endpoint_name(name: str) -> bool:
+    """True when the file name ``name`` is a backend endpoint name of the current user."""
+    match = _BACKEND_NAME_PATTERN.fullmatch(name)
+    return match is not None and match.group("user") == user_hash()
+
+
+def check_backend_endpoint_room(directory: os.PathLike[str] | str) -> None:
+    """Raise ``RuntimeDirTooLongError`` unless backend endpoints in ``directory`` fit ``sun_path``.
+
+    All backend endpoint names have the same length, so this is exact: when it
+    passes, ``new_backend_endpoint(directory)`` never fails on length. Touches
+    nothing on disk.
+    """
+    base = os.fspath(directory)
+    probe = os.path.join(base, _backend_endpoint_name("0" * 2 * _BACKEND_NAME_RANDOM_BYTES))
+    endpoint_bytes = len(os.fsencode(probe))
+    if endpoint_bytes > SUN_PATH_MAX_BYTES:
+        directory_bytes = len(os.fsencode(base))
+        raise RuntimeDirTooLongError(
+            base,
+            directory_bytes=directory_bytes,
+            endpoint_bytes=endpoint_bytes,
+            limit_bytes=SUN_PATH_MAX_BYTES,
+            max_directory_bytes=SUN_PATH_MAX_BYTES - (endpoint_bytes - directory_bytes),
+        )
 
 
 def mode_is_private(mode: int) -> bool:

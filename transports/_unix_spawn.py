@@ -1,11 +1,22 @@
-"""Spawning backend processes that cannot outlive the broker (Unix).
+"""Spawning backend processes that cannot outlive the broker, nor can their children (Unix).
 
 What this module does: ``spawn_child`` starts a backend in its own session and
 process group, hands it the child end of a control socketpair (and no other
 descriptor), and on Linux arranges ``PR_SET_PDEATHSIG(SIGKILL)`` so the kernel
-kills it when the broker dies, even by SIGKILL. ``UnixChildProcess`` waits for
-the exit without polling (a pidfd on Linux, a worker thread elsewhere) and
-signals the whole process group.
+kills it when the broker dies, even by SIGKILL. The backend's group is watched by
+the run's reaper (``_unix_reaper``), which kills the whole group, grandchildren
+included, when the broker dies. ``UnixChildProcess`` waits for the exit without
+polling (a pidfd on Linux, a worker thread elsewhere) and signals the whole
+process group.
+
+A backend's group goes with it: when the leader's exit is noticed (``wait``,
+``returncode``), the group is SIGKILLed and forgotten by the reaper *before* the
+leader is reaped. The unreaped leader keeps its pid, which is the group id,
+reserved, so neither that kill nor any later signal can reach a group that
+reused the id (after the reap nothing is signalled). On macOS before Python 3.13
+(no ``os.waitid``) the exit cannot be seen without reaping; there the group is
+killed right after the reap instead, which leaves the id-reuse hazard of a
+microsecond window.
 
 Why ``subprocess.Popen`` is called directly: ``PR_SET_PDEATHSIG`` fires when the
 *thread* that forked the child exits, and trio's process APIs fork from a worker
@@ -39,6 +50,7 @@ import trio
 from transports._interface import ChildControl, SpawnError
 from transports._unix_control import UnixChildControl
 from transports._unix_fds import close_fd_quietly
+from transports._unix_reaper import GroupReaper, current_group_reaper
 
 #: ``PR_SET_PDEATHSIG`` from <linux/prctl.h>.
 _PR_SET_PDEATHSIG = 1
@@ -73,12 +85,38 @@ class _DieWithParent:
             os._exit(_EXIT_PARENT_GONE)
 
 
+#: Whether an exit can be seen without reaping (``os.waitid`` with ``WNOWAIT``);
+#: not on macOS before Python 3.13, where ``os.waitid`` is missing.
+_SEES_EXIT_WITHOUT_REAPING = not (sys.platform == "darwin" and sys.version_info < (3, 13))
+
+
+def _exited_unreaped(pid: int) -> bool:
+    """Whether child ``pid`` has exited; it stays unreaped (a zombie) either way."""
+    if sys.platform == "darwin" and sys.version_info < (3, 13):
+        return False  # never called there: see _SEES_EXIT_WITHOUT_REAPING
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False  # already reaped
+
+
+def _block_until_exited(popen: subprocess.Popen[bytes]) -> None:
+    """Block until the child exits, without reaping it where the platform allows."""
+    if sys.platform == "darwin" and sys.version_info < (3, 13):
+        popen.wait()  # reaps: see the module docstring
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)
+
+
 class UnixChildProcess:
     """A spawned backend: the leader of its own process group (implements ``ChildProcess``)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], reaper: GroupReaper) -> None:
         self._popen = popen
         self._pgid = popen.pid  # start_new_session: the child leads its group
+        self._reaper = reaper
+        self._group_ended = False
         self._wait_lock = trio.Lock()
         self._pidfd: int | None = None
         self._pidfd_finalizer: weakref.finalize[[int], UnixChildProcess] | None = None
@@ -102,30 +140,57 @@ class UnixChildProcess:
     def returncode(self) -> int | None:
         """The exit status once the child has exited (negative: killed by that signal).
 
-        Reaps the child if it has exited.
+        If the child has exited, kills what is left of its group and reaps it.
         """
-        code = self._popen.poll()
+        self._observe_exit()
+        code = self._popen.returncode
         if code is not None and not self._wait_lock.locked():
             self._close_pidfd()
         return code
 
     async def wait(self) -> int:
-        """Wait for the child to exit, reap it and return its exit status.
+        """Wait for the child to exit, kill what is left of its group, reap it, return its status.
 
         Several tasks may wait at once. Cancellation: cancelling a wait does not
         touch the child; another wait can be started later.
         """
         async with self._wait_lock:
-            if self._popen.poll() is None:
+            if self._popen.returncode is None:
                 if self._pidfd is not None:
                     await trio.lowlevel.wait_readable(self._pidfd)
-                    self._popen.wait()  # exited: this reaps without blocking
                 else:
-                    await trio.to_thread.run_sync(self._popen.wait, abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(
+                        _block_until_exited, self._popen, abandon_on_cancel=True
+                    )
+            self._observe_exit()
             self._close_pidfd()
         code = self._popen.returncode
         assert code is not None
         return code
+
+    def _observe_exit(self) -> None:
+        """If the leader has exited: end its group while its zombie holds the id, then reap it."""
+        if self._popen.returncode is None:
+            if _SEES_EXIT_WITHOUT_REAPING:
+                if not _exited_unreaped(self._popen.pid):
+                    return
+                self._end_group()
+                self._popen.wait()  # exited: this reaps without blocking
+                return
+            if self._popen.poll() is None:
+                return
+        self._end_group()  # a no-op unless the reap came first (macOS < 3.13)
+
+    def _end_group(self) -> None:
+        """SIGKILL the group and stop the reaper watching it; only the first call acts."""
+        if self._group_ended:
+            return
+        self._group_ended = True
+        # ProcessLookupError: no member is left; PermissionError: a member changed
+        # its credentials (setuid); nothing more can be done for either.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pgid, signal.SIGKILL)
+        self._reaper.forget(self._pgid)
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
@@ -136,15 +201,11 @@ class UnixChildProcess:
             close_fd_quietly(fd)
 
     def _signal_tree(self, sig: signal.Signals) -> None:
-        reaped = self._popen.returncode is not None
-        if not reaped:
-            # Not reaped: the pid is still ours even if the child moved to another group.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._popen.pid, sig)
-        # The group outlives its leader while any member (a grandchild) is alive,
-        # and its id cannot be reused while that is so. After the leader was
-        # reaped and the group emptied the id could in principle be reused, so
-        # errors (no such group, another user's group) are ignored.
+        if self.returncode is not None:
+            return  # reaped, and its group was killed before the reap: nothing is left
+        # Unreaped: the pid, and so the group id, is still this child's.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._popen.pid, sig)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pgid, sig)
 
@@ -168,9 +229,11 @@ async def spawn_child(
 
     The child gets exactly ``env`` plus ``control.env`` as its environment, the
     control descriptor and stdio (stdin is ``/dev/null``) and no other descriptor,
-    its own session and process group, and on Linux a parent-death SIGKILL. The
+    its own session and process group, and on Linux a parent-death SIGKILL; its
+    group is watched by the run's reaper (started here if none runs). The
     parent's copy of the child end is closed whatever happens. Raises
-    ``SpawnError`` naming ``argv[0]`` when the program cannot be started,
+    ``SpawnError`` naming ``argv[0]`` when the program cannot be started (or
+    naming the reaper when that cannot be started; then nothing is left running),
     ``TypeError`` for a ``ChildControl`` not made by ``open_control_pair`` and
     ``ValueError`` for one that was already used.
 
@@ -184,6 +247,8 @@ async def spawn_child(
             raise SpawnError("cannot start a child: argv is empty")
         await trio.lowlevel.checkpoint_if_cancelled()
         child_fd = control.fileno()
+        reaper = current_group_reaper()
+        reaper.ensure_running()
         full_env = {**env, **control.env}
         preexec = _DieWithParent(os.getpid()) if sys.platform == "linux" else None
         try:
@@ -199,10 +264,19 @@ async def spawn_child(
                 preexec_fn=preexec,
             )
         except (OSError, subprocess.SubprocessError) as exc:
+            reaper.stop_if_idle()
             raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
+        try:
+            reaper.watch(popen.pid)
+        except SpawnError:
+            # Unprotected children are not handed out: kill and reap this one.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, signal.SIGKILL)  # unreaped: the id is still ours
+            popen.wait()
+            raise
     finally:
         control.close()
-    child = UnixChildProcess(popen)
+    child = UnixChildProcess(popen, reaper)
     control.channel.bind_child_pid(child.pid)
     await trio.lowlevel.cancel_shielded_checkpoint()
     return child

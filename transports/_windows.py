@@ -7,6 +7,7 @@ imports on win32. The work is done by one module per concept:
 - ``_windows_api``: ctypes declarations and the injectable ``Win32Api`` object;
 - ``_windows_names`` / ``_windows_dirs``: pipe names, the user hash, the runtime
   directory;
+- ``_windows_files``: reading a small file that must not be a link;
 - ``_windows_security``: SIDs, the current-user-only security descriptor, peers;
 - ``_windows_stream`` / ``_windows_pipes``: the pipe stream, listener and connect;
 - ``_windows_passing``: DuplicateHandle into a backend and adoption there;
@@ -51,11 +52,13 @@ from transports._windows_channel import (
     open_inherited_channel,
 )
 from transports._windows_dirs import (
+    ensure_private_dir,
     mode_is_private,
     runtime_dir,
     short_temp_dir,
     verify_private_dir,
 )
+from transports._windows_files import read_private_file
 from transports._windows_names import broker_pipe_path, random_pipe_path, user_hash_of
 from transports._windows_pipes import PipeListener, connect_pipe
 from transports._windows_process import (
@@ -316,6 +319,17 @@ async def spawn_child(
     return await default_transport().spawn_child(argv, env, control, cwd=cwd)
 
 
+def check_backend_endpoint_room(directory: os.PathLike[str] | str) -> None:
+    """Nothing to check: pipe names live in the pipe namespace and have a fixed length."""
+    del directory
+
+
+def remove_stale_backend_endpoints(directory: os.PathLike[str] | str) -> list[str]:
+    """Always empty: a named pipe disappears with its last handle, nothing is left behind."""
+    del directory
+    return []
+
+
 def open_fd_count() -> int | None:
     """Always ``None``: Windows has no per-process descriptor count rpbroker can use.
 
@@ -353,12 +367,14 @@ __all__ = [
     "WindowsTransport",
     "broker_endpoint",
     "child_processes",
+    "check_backend_endpoint_room",
     "connect",
     "connect_blocking",
     "NoServiceManager",
     "current_user",
     "default_transport",
     "inherited_listener",
+    "ensure_private_dir",
     "new_backend_endpoint",
     "open_control_pair",
     "fd_usage_ratio",
@@ -367,6 +383,8 @@ __all__ = [
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",
+    "read_private_file",
+    "remove_stale_backend_endpoints",
     "runtime_dir",
     "service_notifier",
     "set_default_transport",

@@ -1,7 +1,8 @@
 """rpbroker's per-user runtime directory on Windows, and what can be checked about it.
 
 What this module does: ``runtime_dir`` names (and by default creates)
-``%LOCALAPPDATA%\\rpbroker\\run``; ``verify_private_dir`` checks that a path exists,
+``%LOCALAPPDATA%\\rpbroker\\run``; ``ensure_private_dir`` creates a directory one
+level deep and verifies it; ``verify_private_dir`` checks that a path exists,
 is a directory, and is neither a symbolic link nor any other reparse point
 (junction, mount point), raising ``InsecurePathError`` with the path, the problem
 and the fix.
@@ -17,6 +18,7 @@ Windows installation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -62,6 +64,17 @@ def short_temp_dir() -> Path:
     shorter base is needed here. Nothing is created.
     """
     return Path(tempfile.gettempdir())
+
+
+def ensure_private_dir(path: os.PathLike[str] | str) -> None:
+    """Create ``path`` (one level) if it is missing, then ``verify_private_dir`` it.
+
+    A missing parent is reported by the verification rather than created.
+    """
+    text = os.fspath(path)
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.mkdir(text)
+    verify_private_dir(text)
 
 
 def verify_private_dir(path: os.PathLike[str] | str) -> None:

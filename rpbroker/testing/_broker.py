@@ -174,6 +174,7 @@ class TestBroker:
         path = self.services_dir / f"{name}.toml"
         temporary = path.with_suffix(".tmp")
         temporary.write_text(service.toml(name))
+        temporary.chmod(0o600)  # definitions must be private to the broker's user
         temporary.replace(path)
         self.launcher.scripts[name] = service.script
 

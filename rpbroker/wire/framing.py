@@ -330,10 +330,11 @@ async def read_frame_body(
             f"returned {len(header)} bytes"
         )
     _check_framing_byte(header[0], offset)
-    if len(header) < FRAME_HEADER_BYTES:
-        header = bytes(header) + await read_exactly(
-            stream, FRAME_HEADER_BYTES - len(header), FrameStage.LENGTH, offset + len(header)
-        )
+    while len(header) < FRAME_HEADER_BYTES:
+        more = await stream.receive_some(FRAME_HEADER_BYTES - len(header))
+        if not more:
+            raise TruncatedFrame(FrameStage.LENGTH, len(header) - 1, _LENGTH_BYTES, offset + 1)
+        header = bytes(header) + bytes(more)
     (length,) = _LENGTH.unpack_from(header, 1)
     _check_length(length, cap, offset)
     return await read_exactly(stream, length, FrameStage.BODY, offset + FRAME_HEADER_BYTES)

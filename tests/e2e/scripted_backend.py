@@ -10,7 +10,10 @@
 - ``die-on-offer``: raw; exits as soon as an offer with a connection arrives;
 - ``forged-ack``: raw; tells the client nothing and ACKs with a wrong token;
 - ``wait-gate``: the SDK echo backend, but only after a byte arrives on the FIFO
-  named by ``RPB_TEST_GATE`` (lets a test hold a spawn in progress).
+  named by ``RPB_TEST_GATE`` (lets a test hold a spawn in progress);
+- ``grandchild``: the SDK echo backend, after starting a child of its own that
+  stays in its process group and appending "<backend pid> <grandchild pid>" to the
+  file named by ``RPB_TEST_PIDS``.
 Raw modes still serve the reconnect route with an echo server, so a client that
 falls back gets a working connection. ``RPB_TEST_COUNTER`` names a file to which
 every received chunk is appended (to prove data is never delivered twice).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from functools import partial
 
@@ -176,6 +180,12 @@ def main() -> None:
         trio.run(gated)
         return
     if MODE == "echo":
+        trio.run(serve_backend, echo)
+        return
+    if MODE == "grandchild":
+        grandchild = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+        with open(os.environ["RPB_TEST_PIDS"], "a") as f:
+            f.write(f"{os.getpid()} {grandchild.pid}\n")
         trio.run(serve_backend, echo)
         return
     if MODE in RELEASE_HOOKS:

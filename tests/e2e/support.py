@@ -56,7 +56,9 @@ class Workspace:
             lines.append("version_allow_list = [" + ", ".join(f'"{v}"' for v in allow_list) + "]")
         lines.append("[env]")
         lines.extend(f'{key} = "{value}"' for key, value in environment.items())
-        (self.services / f"{name}.toml").write_text("\n".join(lines) + "\n")
+        path = self.services / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
 
     def config(self, **overrides: Any) -> rpbroker.BrokerConfig:
         values: dict[str, Any] = {

@@ -11,6 +11,7 @@ Embedded brokers are checked in-process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -119,6 +120,7 @@ async def drain(stream: trio.abc.ReceiveStream) -> None:
 
 
 def children_of(pid: int) -> list[int]:
+    """Child processes of ``pid``, without the broker's process-group reaper."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -126,8 +128,12 @@ def children_of(pid: int) -> list[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
+            if int(stat.rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            with contextlib.suppress(OSError):
+                if b"_unix_reaper_program" in (entry / "cmdline").read_bytes():
+                    continue
+            found.append(int(entry.name))
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from rpbroker.services import (
     InsecureServiceDirectory,
+    InsecureServiceFile,
     InvalidServiceName,
     LoadFailure,
     ServiceDefinitionError,
@@ -95,7 +97,7 @@ def test_group_or_other_accessible_directory_is_refused(services_dir: Path, mode
     with pytest.raises(InsecureServiceDirectory) as info:
         load_service(services_dir, "x")
     err = info.value
-    assert err.mode == mode
+    assert f"{mode:04o}" in err.problem
     assert err.path == services_dir
     assert f"{mode:04o}" in str(err)
     assert f"chmod 700 {services_dir}" in str(err)
@@ -113,14 +115,29 @@ def test_private_directory_is_accepted_and_checked_on_every_load(services_dir: P
     assert load_service(services_dir, "x").service_name == "x"
 
 
-def test_symlinked_directory_is_judged_by_its_target(tmp_path: Path, services_dir: Path) -> None:
+def test_symlinked_directory_is_refused_even_when_its_target_is_good(
+    tmp_path: Path, services_dir: Path
+) -> None:
+    # Stricter than the reference, which follows the link.
     (services_dir / "x.toml").write_text(DEFINITION)
     link = tmp_path / "link"
     link.symlink_to(services_dir, target_is_directory=True)
-    assert load_service(link, "x").service_name == "x"
-    services_dir.chmod(0o770)
-    with pytest.raises(InsecureServiceDirectory):
+    assert load_service(services_dir, "x").service_name == "x"
+    with pytest.raises(InsecureServiceDirectory) as info:
         load_service(link, "x")
+    assert "symbolic link" in info.value.problem
+    assert str(services_dir) in info.value.fix
+    with pytest.raises(InsecureServiceDirectory):
+        list_services(link)
+
+
+def test_directory_of_another_user_is_refused(services_dir: Path) -> None:
+    (services_dir / "x.toml").write_text(DEFINITION)
+    os.chown(services_dir, 65534, 65534)
+    with pytest.raises(InsecureServiceDirectory) as info:
+        load_service(services_dir, "x")
+    assert "owned by uid 65534" in info.value.problem
+    assert f"chown {os.geteuid()} {services_dir}" in str(info.value)
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -150,7 +167,7 @@ def test_service_not_found(services_dir: Path) -> None:
 
 def test_definition_path_that_is_a_directory(services_dir: Path) -> None:
     (services_dir / "x.toml").mkdir()
-    with pytest.raises(ServiceDefinitionError, match="cannot be read"):
+    with pytest.raises(InsecureServiceFile, match="is a directory; only regular files are read"):
         load_service(services_dir, "x")
 
 
@@ -180,6 +197,8 @@ def test_refusal_mapping(services_dir: Path) -> None:
         RefusalCode.SERVICE_UNKNOWN,
         f"service definition could not be loaded: {broken}",
     )
-    insecure = InsecureServiceDirectory(services_dir, 0o777)
+    insecure = InsecureServiceDirectory(
+        services_dir, "has mode 0777", f"run: chmod 700 {services_dir}"
+    )
     assert isinstance(insecure, ServiceDirectoryError)
     assert refusal(insecure)[0] is RefusalCode.SERVICE_UNKNOWN

@@ -389,6 +389,7 @@ def test_example_echo_definition_loads(tmp_path: Path) -> None:
     services.mkdir(mode=0o700)
     services.chmod(0o700)
     shutil.copy(REPO / "examples" / "services" / "echo.toml", services / "echo.toml")
+    (services / "echo.toml").chmod(0o600)  # git does not keep the mode it needs
     spec = load_service(services, "echo")
     assert spec.command == (sys.executable, f"{services}/../echo_backend.py")
     assert spec.handoff is True

@@ -190,6 +190,61 @@ async def test_stale_socket_of_ours_is_replaced(sockdir: Path) -> None:
         await listener.aclose()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/net/unix is Linux-only")
+async def test_a_socket_bound_but_not_yet_listening_is_never_taken_for_dead(
+    sockdir: Path,
+) -> None:
+    # Between bind() and listen() a live socket refuses connections like a dead one.
+    path = sockdir / "a.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as starting:
+        starting.bind(str(path))
+        with pytest.raises(EndpointUnavailableError):
+            await transports.connect(str(path))
+        with pytest.raises(EndpointInUseError, match="bound to it and not yet listening"):
+            await transports.open_listener(str(path))
+        assert path.is_socket()
+    listener = await transports.open_listener(str(path))  # closed now: dead, replaced
+    await listener.aclose()
+
+
+def _endpoint_name(tag: str, user: str | None = None) -> str:
+    return f"rpb-v1-{user or transports.user_hash()}-be-{tag * 32}.sock"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a socket as another user")
+def test_stale_sweep_removes_only_dead_backend_endpoints_of_ours(sockdir: Path) -> None:
+    dead = [sockdir / _endpoint_name(tag) for tag in "ab"]
+    for path in dead:
+        _stale_socket(path)
+    keep = {
+        "live": sockdir / _endpoint_name("1"),
+        "starting": sockdir / _endpoint_name("2"),
+        "another user's": sockdir / _endpoint_name("3"),
+        "regular file": sockdir / _endpoint_name("4"),
+        "symlink": sockdir / _endpoint_name("5"),
+        "other user hash": sockdir / _endpoint_name("6", "f" * 16),
+        "not an endpoint name": sockdir / "broker.sock",
+    }
+    _stale_socket(keep["another user's"])
+    os.chown(keep["another user's"], 65534, 65534)
+    keep["regular file"].write_bytes(b"")
+    keep["symlink"].symlink_to(dead[0])
+    _stale_socket(keep["other user hash"])
+    _stale_socket(keep["not an endpoint name"])
+    with (
+        _raw_listener(str(keep["live"]), 1),
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as starting,
+    ):
+        starting.bind(str(keep["starting"]))
+        before = {what: os.lstat(path) for what, path in keep.items()}
+        removed = transports.remove_stale_backend_endpoints(sockdir)
+        assert removed == sorted(str(path) for path in dead)
+        assert not any(lexists(path) for path in dead)
+        for what, path in keep.items():
+            assert os.lstat(path).st_ino == before[what].st_ino, what
+        assert transports.remove_stale_backend_endpoints(sockdir) == []
+
+
 async def test_aclose_leaves_a_replaced_path_alone(sockdir: Path) -> None:
     path = sockdir / "a.sock"
     listener = await transports.open_listener(str(path))

@@ -1,4 +1,8 @@
-"""Unix transport: user identity, runtime directory, private-directory checks, endpoint names."""
+"""Unix transport: user identity, runtime directory, private-directory checks, endpoint names.
+
+Also the room a runtime directory leaves for backend endpoints (exact to the byte)
+and the recognition of this user's backend endpoint names (for the stale sweep).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import pytest
 import transports
 from transports import EndpointNameError, InsecurePathError
 from transports._unix import SUN_PATH_MAX_BYTES
+from transports._unix_paths import is_backend_endpoint_name
 
 ROOT_ONLY = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to create a directory owned by another user"
@@ -208,3 +213,36 @@ def test_new_backend_endpoint_never_returns_an_existing_path(
     second = transports.new_backend_endpoint(sockdir)
     assert second != first
     assert second.endswith("-be-" + "11" * 16 + ".sock")
+
+
+def test_backend_endpoint_room_is_exact_and_names_the_byte_counts() -> None:
+    name_bytes = len(f"/rpb-v1-{transports.user_hash()}-be-{'0' * 32}.sock")
+    fits = "/" + "d" * (SUN_PATH_MAX_BYTES - name_bytes - 1)
+    transports.check_backend_endpoint_room(fits)  # no error, nothing created
+    assert not os.path.lexists(fits)
+    assert len(transports.new_backend_endpoint(Path(fits))) == SUN_PATH_MAX_BYTES
+    too_long = fits + "d"
+    with pytest.raises(transports.RuntimeDirTooLongError) as info:
+        transports.check_backend_endpoint_room(too_long)
+    err = info.value
+    assert isinstance(err, EndpointNameError)
+    assert (err.directory, err.directory_bytes) == (too_long, len(too_long))
+    assert (err.endpoint_bytes, err.limit_bytes) == (SUN_PATH_MAX_BYTES + 1, SUN_PATH_MAX_BYTES)
+    assert err.max_directory_bytes == len(fits)
+    assert f"use a runtime directory of at most {len(fits)} bytes" in str(err)
+
+
+def test_backend_endpoint_names_of_this_user_are_recognised(sockdir: Path) -> None:
+    mine = os.path.basename(transports.new_backend_endpoint(sockdir))
+    assert is_backend_endpoint_name(mine)
+    other_user = mine.replace(transports.user_hash(), "0" * 16)
+    for name in [
+        other_user,
+        mine.removesuffix(".sock"),
+        mine + ".bak",
+        mine.replace("-be-", "-svc-"),
+        mine[:-6] + ".sock",  # 31 hex digits
+        mine.upper(),
+        f"rpb-v1-{transports.user_hash()}-shared.sock",
+    ]:
+        assert not is_backend_endpoint_name(name), name

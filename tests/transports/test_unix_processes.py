@@ -1,5 +1,9 @@
 """Unix transport with real processes: fd passing, peer identity, spawning, process trees.
 
+The process-group reaper is tested here too: its lifetime and descriptors, and a
+"broker" (a child that uses ``spawn_child``) whose SIGKILL must take every group
+it spawned, grandchildren included, even after its reaper was killed and replaced.
+
 Every child is a real Python process started with ``spawn_child`` and a control
 socketpair; child programs are passed with ``-c`` and import this repository's
 ``transports`` through ``PYTHONPATH``.
@@ -30,6 +34,7 @@ from transports import (
     SpawnError,
 )
 from transports._unix import UnixChildProcess, UnixControlChannel
+from transports._unix_reaper import GroupReaper, current_group_reaper
 
 HANG_GUARD_S = 10
 MAX_BODY = 1 << 20
@@ -519,6 +524,7 @@ async def test_spawn_errors_name_the_program_and_close_the_control(
     with pytest.raises(ValueError):
         control.fileno()
     await channel.aclose()
+    assert current_group_reaper().pid is None, "no reaper is left for a failed spawn"
 
 
 async def test_spawn_refuses_a_foreign_child_control(child_env: dict[str, str]) -> None:
@@ -552,18 +558,26 @@ async def test_kill_tree_kills_a_grandchild(child_env: dict[str, str]) -> None:
 
 
 @LINUX_ONLY
-async def test_kill_tree_after_the_leader_was_reaped_still_reaches_the_group(
-    child_env: dict[str, str],
+@pytest.mark.parametrize("observe", ["wait", "returncode"])
+async def test_the_group_dies_with_its_leader_before_the_leader_is_reaped(
+    child_env: dict[str, str], observe: str
 ) -> None:
     with trio.fail_after(HANG_GUARD_S):
         async with running(WITH_GRANDCHILD, child_env, "exit") as (channel, child):
             grandchild = int(await body_of(channel))
+            assert os.getpgid(grandchild) == child.pid
             pidfd = open_pidfd(grandchild)
             try:
-                assert await child.wait() == 0
-                assert alive(grandchild)
-                child.kill_tree()
+                if observe == "wait":
+                    assert await child.wait() == 0  # the leader's own status is kept
+                else:
+                    await wait_for_exit_of(child.pid)  # exited, not reaped
+                    assert child.returncode == 0
+                # Killed while the leader's zombie still held the group id.
                 await trio.lowlevel.wait_readable(pidfd)
+                # Reaped: nothing is signalled any more, the id may belong to anyone.
+                child.kill_tree()
+                child.terminate_tree()
             finally:
                 reap_leftover(pidfd)
 
@@ -629,3 +643,121 @@ async def test_control_pair_avoids_standard_stream_numbers(child_env: dict[str, 
     with trio.fail_after(HANG_GUARD_S):
         async with running(STDIO_CLOSED, child_env) as (_channel, child):
             assert await child.wait() == 0
+
+
+# -- the process-group reaper ------------------------------------------------------------
+
+#: A broker in miniature: spawns two children that each start a grandchild in
+#: their group, SIGKILLs its own reaper between the two spawns, reports every pid.
+MINI_BROKER = (
+    PRELUDE
+    + r"""
+from transports._unix_reaper import current_group_reaper
+
+async def main():
+    up = await transports.open_inherited_control_channel()
+    reaper = current_group_reaper()
+    report = {"children": [], "grandchildren": [], "reapers": []}
+    kept = []
+    for round in range(2):
+        channel, control = transports.open_control_pair()
+        argv = [sys.executable, "-c", sys.argv[1], "stay"]
+        child = await transports.spawn_child(argv, dict(os.environ), control)
+        message = await channel.receive_message(100)
+        report["children"].append(child.pid)
+        report["grandchildren"].append(int(message.framed[5:]))
+        report["reapers"].append(reaper.pid)
+        kept.append((channel, child))
+        if round == 0:
+            os.kill(reaper.pid, signal.SIGKILL)  # the next spawn must replace it
+    report["watched"] = sorted(reaper.watched)
+    await up.send_message(frame(json.dumps(report).encode()))
+    await trio.sleep_forever()
+
+trio.run(main)
+"""
+)
+
+
+def pipe_of(pid: int | str, fd: str) -> str | None:
+    """``pipe:[inode]`` when ``fd`` of process ``pid`` is a pipe."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return target if target.startswith("pipe:") else None
+
+
+def holders_of(pipe: str, pid: int | str) -> list[str]:
+    return [fd for fd in os.listdir(f"/proc/{pid}/fd") if pipe_of(pid, fd) == pipe]
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+@LINUX_ONLY
+async def test_the_reaper_runs_while_groups_are_watched_and_leaks_nothing(
+    child_env: dict[str, str],
+) -> None:
+    reaper = current_group_reaper()
+    assert reaper.pid is None, "no reaper before the first spawn"
+    fds_before = transports.open_fd_count()
+    with trio.fail_after(HANG_GUARD_S):
+        async with running(SLEEPER, child_env) as (_a, first):
+            reaper_pid = reaper.pid
+            assert reaper_pid is not None and parent_of(reaper_pid) == os.getpid()
+            assert os.getsid(reaper_pid) == reaper_pid, "its own session: no terminal signals"
+            # The reaper holds stdio and the read end; we hold the only write end.
+            [pipe] = {
+                p for fd in os.listdir(f"/proc/{reaper_pid}/fd") if (p := pipe_of(reaper_pid, fd))
+            }
+            assert sorted(os.listdir(f"/proc/{reaper_pid}/fd"), key=int)[:3] == ["0", "1", "2"]
+            assert len(os.listdir(f"/proc/{reaper_pid}/fd")) == 4
+            assert len(holders_of(pipe, "self")) == 1
+            assert holders_of(pipe, first.pid) == [], "a backend never inherits the pipe"
+            async with running(SLEEPER, child_env) as (_b, second):
+                assert reaper.pid == reaper_pid, "one reaper for every group"
+                assert reaper.watched == {first.pid, second.pid}
+                assert holders_of(pipe, second.pid) == []
+            assert reaper.watched == {first.pid}, "forgotten once reaped"
+        assert reaper.pid is None, "the last forget stops the reaper"
+        assert parent_of(reaper_pid) != os.getpid(), "and reaps it: no zombie"
+    assert transports.open_fd_count() == fds_before
+
+
+@LINUX_ONLY
+async def test_a_sigkilled_broker_takes_every_group_even_after_its_reaper_was_replaced(
+    child_env: dict[str, str],
+) -> None:
+    with trio.fail_after(HANG_GUARD_S):
+        async with running(MINI_BROKER, child_env, WITH_GRANDCHILD) as (channel, broker):
+            report = json.loads(await body_of(channel))
+            first_reaper, second_reaper = report["reapers"]
+            assert first_reaper != second_reaper
+            assert report["watched"] == sorted(report["children"]), "re-told every group"
+            victims = [*report["children"], *report["grandchildren"], second_reaper]
+            for child, grandchild in zip(report["children"], report["grandchildren"], strict=True):
+                assert os.getpgid(grandchild) == child
+            pidfds = [open_pidfd(pid) for pid in victims]
+            try:
+                os.kill(broker.pid, signal.SIGKILL)
+                assert await broker.wait() == -signal.SIGKILL
+                for pidfd in pidfds:
+                    await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                for pidfd in pidfds:
+                    reap_leftover(pidfd)
+
+
+def test_only_real_group_ids_can_be_watched() -> None:
+    reaper = GroupReaper()
+    for pgid in (0, 1, -5):
+        with pytest.raises(ValueError, match="cannot be watched"):
+            reaper.watch(pgid)
+    assert reaper.pid is None and reaper.watched == frozenset()
+    reaper.forget(12345)  # unknown: nothing happens
+    assert reaper.pid is None

@@ -307,13 +307,22 @@ async def test_read_frame_body_assembles_a_trickle() -> None:
     assert all(request is not None and request >= 1 for request in stream.requests)
 
 
-async def test_read_frame_body_bad_byte_consumes_only_that_byte() -> None:
-    stream = stream_with(H("02") + H("05000000"))
+async def test_read_frame_body_bad_byte_consumes_at_most_the_header() -> None:
+    # The header is asked for in one receive: a bad framing byte is reported at
+    # once, having consumed at most the rest of the 5-byte header, never more.
+    stream = stream_with(H("02") + H("05000000") + b"after")
     with pytest.raises(BadFramingByte) as caught:
         await read_frame_body(stream, offset=12)
     assert caught.value.got == 2
     assert caught.value.offset == 12
-    assert await stream.receive_some() == H("05000000")
+    stream.put_eof()
+    assert await stream.receive_some() == b"after"
+
+
+async def test_read_frame_body_bad_byte_is_reported_before_the_length_arrives() -> None:
+    stream = stream_with(H("02"))  # the peer sends one wrong byte and waits
+    with trio.fail_after(1), pytest.raises(BadFramingByte):
+        await read_frame_body(stream)
 
 
 @pytest.mark.parametrize("cap", [MAX_HELLO_BYTES, MAX_FRAME_BYTES])
