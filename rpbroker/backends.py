@@ -116,6 +116,7 @@ class BackendHandle:
     adopted: bool = False
     open_connections: int = 0
     last_active_unix_ms: int = attrs.field(factory=lambda: int(time.time() * 1000))
+    started_at_unix_ms: int = attrs.field(factory=lambda: int(time.time() * 1000))
     settled: trio.Event = attrs.field(factory=trio.Event)
     exited: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)
@@ -146,6 +147,7 @@ class BackendHandle:
             "state": self.state.value,
             "open_connections": self.open_connections,
             "last_active_unix_ms": self.last_active_unix_ms,
+            "started_at_unix_ms": self.started_at_unix_ms,
         }
 
 

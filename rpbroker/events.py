@@ -22,6 +22,8 @@ from typing import Any
 import attrs
 import trio
 
+from rpbroker.logfmt import KeyValues
+
 logger = logging.getLogger("rpbroker.events")
 
 #: Events buffered per subscriber before the oldest are dropped for that subscriber.
@@ -128,13 +130,14 @@ class EventLog:
         self._recent.append(event)
         logger.log(
             _LEVELS.get(kind, logging.INFO),
-            "%s service=%s version=%s pid=%s %s%s",
-            kind.value,
-            service_name or "-",
-            service_version or "-",
-            pid or "-",
-            reason,
-            f" {details}" if details else "",
+            KeyValues.of(
+                event=kind.value,
+                service=service_name,
+                version=service_version,
+                pid=pid or None,
+                reason=reason,
+                **details,
+            ),
         )
         for sub in self._subscribers:
             try:

@@ -2,7 +2,12 @@
 
 What this module does: counts Hellos (by service, version, outcome) with a
 duration histogram, spawn attempts, and renders the eight frozen metric families
-of facts §9 in their fixed order, with values, ending in ``# EOF``.
+of facts §9 in their fixed order, with values, as valid OpenMetrics 1.0: each
+family has ``# TYPE``, ``# HELP`` (and ``# UNIT`` where its name ends in one)
+under the family name, which for a counter is the sample name without
+``_total`` (``# TYPE running_process_broker_v1_hello counter`` above the
+``running_process_broker_v1_hello_total`` samples); the sample names are the
+frozen v1 ones, byte for byte; the text ends in ``# EOF``.
 
 What it does not do: sample anything by itself; the broker passes gauges in when
 rendering.
@@ -11,32 +16,78 @@ rendering.
 from __future__ import annotations
 
 import collections
+import enum
 from collections.abc import Mapping
+
+import attrs
 
 PREFIX = "running_process_broker_v1_"
 
-#: The frozen metric families in render order: (suffix, type).
-FAMILIES: tuple[tuple[str, str], ...] = (
-    ("hello_total", "counter"),
-    ("hello_duration_seconds", "histogram"),
-    ("active_backends", "gauge"),
-    ("spawn_attempts_total", "counter"),
-    ("spawn_budget_remaining", "gauge"),
-    ("connections_open", "gauge"),
-    ("fd_usage_ratio", "gauge"),
-    ("uptime_seconds", "gauge"),
+
+class MetricKind(enum.Enum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@attrs.frozen
+class Family:
+    """One metric family: its OpenMetrics name (without ``PREFIX``), type, help and unit."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    unit: str | None = None
+
+    @property
+    def family_name(self) -> str:
+        """The name ``# TYPE``, ``# HELP`` and ``# UNIT`` use."""
+        return PREFIX + self.name
+
+    @property
+    def sample_name(self) -> str:
+        """The frozen v1 name of the family's samples (histograms add their suffixes)."""
+        suffix = "_total" if self.kind is MetricKind.COUNTER else ""
+        return PREFIX + self.name + suffix
+
+
+#: The frozen metric families in render order (facts §9).
+FAMILIES: tuple[Family, ...] = (
+    Family("hello", MetricKind.COUNTER, "Hellos answered, by service, version and outcome."),
+    Family(
+        "hello_duration_seconds",
+        MetricKind.HISTOGRAM,
+        "Time from reading a Hello to its reply, by service.",
+        "seconds",
+    ),
+    Family("active_backends", MetricKind.GAUGE, "Backends in the registry, by service."),
+    Family(
+        "spawn_attempts", MetricKind.COUNTER, "Backend spawns, by service, version and outcome."
+    ),
+    Family(
+        "spawn_budget_remaining",
+        MetricKind.GAUGE,
+        "Spawns left in the current budget window, by service and version.",
+    ),
+    Family("connections_open", MetricKind.GAUGE, "Client connections the broker is serving."),
+    Family("fd_usage_ratio", MetricKind.GAUGE, "Share of the descriptor limit in use."),
+    Family("uptime_seconds", MetricKind.GAUGE, "Seconds since the broker started.", "seconds"),
 )
+
+#: The frozen v1 sample names, in order (renaming one requires protocol v2).
+FROZEN_METRIC_NAMES: tuple[str, ...] = tuple(f.sample_name for f in FAMILIES)
 
 #: Hello duration histogram bucket bounds, seconds.
 HELLO_BUCKETS_S = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
+def _label_value(value: str) -> str:
+    """A label value escaped as OpenMetrics requires (backslash, quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(**labels: str) -> str:
-    inner = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in labels.items()
-    )
-    return "{" + inner + "}"
+    return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items()) + "}"
 
 
 class BrokerMetrics:
@@ -74,13 +125,16 @@ class BrokerMetrics:
         uptime_seconds: float,
     ) -> str:
         lines: list[str] = []
-        for suffix, kind in FAMILIES:
-            name = PREFIX + suffix
-            lines.append(f"# TYPE {name} {kind}")
-            if suffix == "hello_total":
+        for family in FAMILIES:
+            lines.append(f"# TYPE {family.family_name} {family.kind.value}")
+            if family.unit is not None:
+                lines.append(f"# UNIT {family.family_name} {family.unit}")
+            lines.append(f"# HELP {family.family_name} {family.help}")
+            name = family.sample_name
+            if family.name == "hello":
                 for (svc, ver, outcome), n in sorted(self.hello_total.items()):
                     lines.append(f"{name}{_labels(service=svc, version=ver, outcome=outcome)} {n}")
-            elif suffix == "hello_duration_seconds":
+            elif family.name == "hello_duration_seconds":
                 for svc, buckets in sorted(self._duration_buckets.items()):
                     for bound, n in zip(HELLO_BUCKETS_S, buckets, strict=True):
                         lines.append(f"{name}_bucket{_labels(service=svc, le=repr(bound))} {n}")
@@ -88,18 +142,18 @@ class BrokerMetrics:
                     lines.append(f"{name}_bucket{_labels(service=svc, le='+Inf')} {count}")
                     lines.append(f"{name}_sum{_labels(service=svc)} {self._duration_sum[svc]:.6f}")
                     lines.append(f"{name}_count{_labels(service=svc)} {count}")
-            elif suffix == "active_backends":
+            elif family.name == "active_backends":
                 for svc, n in sorted(active_backends.items()):
                     lines.append(f"{name}{_labels(service=svc)} {n}")
-            elif suffix == "spawn_attempts_total":
+            elif family.name == "spawn_attempts":
                 for (svc, ver, outcome), n in sorted(self.spawn_attempts.items()):
                     lines.append(f"{name}{_labels(service=svc, version=ver, outcome=outcome)} {n}")
-            elif suffix == "spawn_budget_remaining":
+            elif family.name == "spawn_budget_remaining":
                 for (svc, ver), n in sorted(budget_remaining.items()):
                     lines.append(f"{name}{_labels(service=svc, version=ver)} {n}")
-            elif suffix == "connections_open":
+            elif family.name == "connections_open":
                 lines.append(f"{name} {connections_open}")
-            elif suffix == "fd_usage_ratio":
+            elif family.name == "fd_usage_ratio":
                 lines.append(f"{name} {fd_usage_ratio:.6f}")
             else:
                 lines.append(f"{name} {int(uptime_seconds)}")
