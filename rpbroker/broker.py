@@ -149,6 +149,8 @@ class Broker:
         self._stopped = trio.Event()
         self._drain_timeout_s = config.drain_timeout_s
         self._nursery: trio.Nursery | None = None
+        #: The graceful stop's scope while it runs; ``force_stop`` cancels it.
+        self._graceful_scope = trio.CancelScope(shield=True)
 
     # -- public API ---------------------------------------------------------------
 
@@ -162,6 +164,16 @@ class Broker:
         if drain_timeout_s is not None:
             self._drain_timeout_s = drain_timeout_s
         self._stop_requested.set()
+
+    def force_stop(self) -> None:
+        """Stop at once: skip or cut short the graceful drain and kill every backend.
+
+        Returns at once; ``wait_stopped`` tells when the broker has stopped (socket
+        closed and removed, backends killed and reaped). Safe to call at any time,
+        also during a graceful shutdown, and more than once.
+        """
+        self._stop_requested.set()
+        self._graceful_scope.cancel()
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Shut down gracefully and wait until the broker has stopped.
@@ -231,7 +243,7 @@ class Broker:
                         await self._stop_requested.wait()
                     finally:
                         with (
-                            trio.CancelScope(shield=True),
+                            self._graceful_scope,
                             trio.move_on_after(self._drain_timeout_s + REPLY_WRITE_TIMEOUT_S),
                         ):
                             await self._graceful_stop(listener)

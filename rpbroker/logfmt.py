@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
@@ -70,13 +70,26 @@ class KeyValues:
         return [(k, v) for k, v in self.fields if v is not None and v != ""]
 
     def __str__(self) -> str:
-        return " ".join(f"{key}={text_value(value)}" for key, value in self.present())
+        return text_pairs(self.present())
+
+
+def text_pairs(pairs: Iterable[tuple[str, object]]) -> str:
+    """``key=value`` pairs joined by spaces; a mapping value becomes ``key.sub=value`` pairs."""
+    return " ".join(f"{key}={text_value(value)}" for key, value in _flatten(pairs))
+
+
+def _flatten(pairs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    for key, value in pairs:
+        if isinstance(value, Mapping) and value:
+            yield from _flatten((f"{key}.{sub}", inner) for sub, inner in value.items())
+        else:
+            yield key, value
 
 
 def text_value(value: object) -> str:
     """``value`` as logfmt text: bare when it is one plain word, quoted otherwise.
 
-    Booleans are ``true``/``false``; lists and mappings are compact JSON; strings
+    Booleans are ``true``/``false``; lists (and mappings inside them) are compact JSON; strings
     with spaces, quotes, ``=`` or control characters are double-quoted with JSON
     escapes, so every record stays on one line.
     """
@@ -132,8 +145,7 @@ class KeyValueFormatter(logging.Formatter):
             ("level", record.levelname.lower()),
             ("logger", record.name),
         ]
-        pairs = head + self._static + _record_fields(record)
-        return " ".join(f"{key}={text_value(value)}" for key, value in pairs)
+        return text_pairs(head + self._static + _record_fields(record))
 
 
 class JsonFormatter(logging.Formatter):
