@@ -461,7 +461,7 @@ async def run_serve(config: BrokerConfig, stop: StopRecord) -> None:
             nursery.start_soon(_stop_on_signals, broker, signals, stop)
             _say(
                 logging.INFO,
-                f"listening on {broker.socket_path}",
+                f"serving on {broker.socket_path}",
                 socket=broker.socket_path,
                 pid=os.getpid(),
                 instance=config.instance_name,
