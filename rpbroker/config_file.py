@@ -111,47 +111,59 @@ def read_config_file(path: os.PathLike[str] | str) -> ConfigFile:
 def build_config(file: ConfigFile | None, overrides: Mapping[str, Override]) -> BrokerConfig:
     """The ``BrokerConfig`` from ``overrides`` (by field name) over ``file`` over defaults.
 
+    Every value is checked first, so all bad values are reported at once.
+
     Raises:
         ConfigFileError: a value from the file is of the wrong type or out of range.
-        ConfigError: an override is; the message starts with its ``origin``.
+        ConfigError: only overrides are; each line starts with the override's ``origin``.
         MissingConfigValue: a required field has no value anywhere.
     """
     raw: dict[str, Any] = dict(file.values) if file is not None else {}
     raw.update({name: override.value for name, override in overrides.items()})
+    problems = [(name, expected) for name in raw if (expected := _check(name, raw[name]))]
+    if problems:
+        lines = []
+        for name, expected in problems:
+            if name in overrides:
+                shown = _show(overrides[name].value)
+                lines.append(f"{overrides[name].origin}: must be {expected} (got {shown})")
+            else:
+                assert file is not None  # only the file or an override gives a value
+                lines.append(
+                    f"{file.path}: field '{name}': expected {expected} (got {_show(raw[name])})"
+                )
+        error = ConfigError if all(name in overrides for name, _ in problems) else ConfigFileError
+        raise error("\n".join(lines))
     try:
         return _CONVERTER.structure(raw, BrokerConfig)
     except ClassValidationError as group:
-        problems = [_problem(exc) for exc in group.exceptions]
+        for exc in group.exceptions:
+            if isinstance(exc, KeyError):
+                raise MissingConfigValue(_attribute_of(exc)) from None
+        raise
+
+
+def _check(name: str, value: Any) -> str | None:
+    """What field ``name`` expects, if ``value`` is not acceptable for it; else ``None``."""
+    field = _FIELDS[name]
+    assert field.type is not None  # resolve_types gave every field its type
+    try:
+        typed = _CONVERTER.structure(value, field.type)
+        if field.validator is not None:
+            converted = field.converter(typed) if callable(field.converter) else typed
+            field.validator(None, field, converted)
     except ConfigValueError as exc:
-        problems = [(exc.field, exc.expected)]
-    missing = [name for name, expected in problems if expected is None]
-    if missing:
-        raise MissingConfigValue(missing[0])
-    lines = []
-    for name, expected in problems:
-        if name in overrides:
-            override = overrides[name]
-            lines.append(f"{override.origin}: must be {expected} (got {_show(override.value)})")
-        else:
-            assert file is not None  # only the file or an override can give a bad value
-            lines.append(
-                f"{file.path}: field '{name}': expected {expected} (got {_show(raw[name])})"
-            )
-    error = ConfigError if all(name in overrides for name, _ in problems) else ConfigFileError
-    raise error("\n".join(lines))
+        return exc.expected
+    except (_WrongType, cattrs.BaseValidationError):
+        return _EXPECTED[name]
+    return None
 
 
-def _problem(exc: Exception) -> tuple[str, str | None]:
-    """(field, what it expects) for one cattrs sub-exception; ``None``: value missing."""
-    if isinstance(exc, ConfigValueError):
-        return exc.field, exc.expected
-    notes = [n for n in getattr(exc, "__notes__", []) if isinstance(n, AttributeValidationNote)]
-    if not notes:  # pragma: no cover - cattrs names the attribute of every type error
-        raise exc
-    name = notes[0].name
-    if isinstance(exc, KeyError):
-        return name, None
-    return name, _EXPECTED[name]
+def _attribute_of(exc: Exception) -> str:
+    for note in getattr(exc, "__notes__", []):
+        if isinstance(note, AttributeValidationNote):
+            return note.name
+    raise exc  # pragma: no cover - cattrs names the attribute of every missing key
 
 
 def _unknown_key(file: Path, key: str) -> str:
@@ -242,7 +254,6 @@ def _converter() -> cattrs.Converter:
 
 def _expected(field: attrs.Attribute[Any]) -> str:
     kind = field.type
-    optional = " (or leave it out)" if field.default is None else ""
     if kind is float:
         return "a positive number of seconds" if field.name.endswith("_s") else "a number"
     if kind is int:
@@ -250,13 +261,12 @@ def _expected(field: attrs.Attribute[Any]) -> str:
     if kind is bool:
         return "true or false"
     if field.name in PATH_FIELDS:
-        return "a path (a non-empty string)" + optional
+        return "a path (a non-empty string)"
     if kind == dict[str, str]:
         return "a table of string values"
-    return "a string" + optional
+    return "a string"
 
 
 _CONVERTER = _converter()
-_EXPECTED = {
-    field.name: _expected(field) for field in attrs.fields(attrs.resolve_types(BrokerConfig))
-}
+_FIELDS = attrs.fields_dict(attrs.resolve_types(BrokerConfig))
+_EXPECTED = {name: _expected(field) for name, field in _FIELDS.items()}
