@@ -525,8 +525,7 @@ async def _drain_progress(broker: Broker, deadline: float) -> None:
     while True:
         rows = broker.status()["backends"]
         if not rows:
-            _say(logging.INFO, "drained: every backend has stopped", backends=0)
-            return
+            return  # the broker is about to say "stopped"
         connections = sum(int(row.get("open_connections") or 0) for row in rows)
         left_s = max(0, math.ceil(deadline - trio.current_time()))
         waiting = ", ".join(f"{row['service_name']}/{row['pid']}" for row in rows)

@@ -135,15 +135,6 @@ async def start_serve(
     return served
 
 
-def pid_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie counts as gone: it runs no code)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def write_echo_service(services: Path, name: str = "echo") -> None:
     """A service running ``examples/echo_backend.py`` (it uses ``run_backend``)."""
     (services / f"{name}.toml").write_text(

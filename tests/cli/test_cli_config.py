@@ -41,7 +41,8 @@ def toml_value(value: Any) -> str:
 
 def non_default(field: attrs.Attribute[Any], tmp: Path) -> Any:
     """A valid value for ``field`` that differs from its default."""
-    kind, default = field.type, field.default
+    kind = field.type
+    default: Any = field.default
     if field.name in ("services_dir", "runtime_dir"):
         return tmp / field.name
     if field.name == "socket_path":
