@@ -475,9 +475,7 @@ async def run_serve(config: BrokerConfig, stop: StopRecord) -> None:
         _say(logging.INFO, "stopped", forced=False)
 
 
-async def _stop_on_signals(
-    broker: Broker, signals: AsyncIterator[int], stop: StopRecord
-) -> None:
+async def _stop_on_signals(broker: Broker, signals: AsyncIterator[int], stop: StopRecord) -> None:
     """First signal: graceful shutdown. Any signal during a shutdown: stop at once.
 
     Cancellation: just stops listening.
