@@ -7,8 +7,14 @@ READYZ, BACKEND_HEALTH, CONFIG, DIAGNOSE, METRICS, SHUTDOWN; anything else is
 (``schema_version: 1``, ``command``, ``generated_at_unix_ms``). It also serves
 rpbroker's lifecycle-lane broadcast requests from the CLI.
 
+BACKEND_HEALTH also says whether the service has a usable definition and gives a
+verdict (available / unavailable / unknown). The second half renders these JSON
+documents as text for people (``status_text``, ``dump_text``, ...), which the CLI
+prints; the wire's own STATUS text stays the reference's two lines.
+
 What it does not do: own any state. It reads the broker it is given and calls its
-public methods (``request_shutdown``, ``broadcast``).
+public methods (``request_shutdown``, ``broadcast``). DIAGNOSE describes a bundle
+and says that it wrote none.
 """
 
 from __future__ import annotations

@@ -128,16 +128,17 @@ def _record_fields(record: logging.LogRecord) -> list[tuple[str, FieldValue]]:
     return [(f"field.{k}" if k in _FIXED_KEYS else k, v) for k, v in fields]
 
 
-class KeyValueFormatter(logging.Formatter):
-    """One logfmt line per record: ``ts=... level=... logger=... <fields>``.
-
-    ``static`` fields (for example which backend wrote the line) follow ``logger``
-    on every line.
-    """
+class _FieldsFormatter(logging.Formatter):
+    """Base of both formats: ``static`` fields (for example which backend wrote the
+    line) follow ``ts``, ``level`` and ``logger`` on every line."""
 
     def __init__(self, static: Mapping[str, FieldValue] | None = None) -> None:
         super().__init__()
         self._static = KeyValues.from_mapping(static or {}).present()
+
+
+class KeyValueFormatter(_FieldsFormatter):
+    """One logfmt line per record: ``ts=... level=... logger=... <fields>``."""
 
     def format(self, record: logging.LogRecord) -> str:
         head: list[tuple[str, FieldValue]] = [
@@ -148,12 +149,8 @@ class KeyValueFormatter(logging.Formatter):
         return text_pairs(head + self._static + _record_fields(record))
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_FieldsFormatter):
     """One JSON object per record: ``ts``, ``level``, ``logger``, then the fields, typed."""
-
-    def __init__(self, static: Mapping[str, FieldValue] | None = None) -> None:
-        super().__init__()
-        self._static = KeyValues.from_mapping(static or {}).present()
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, object] = {

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import attrs
 import trio
+
+from ..e2e.test_e2e_supervision_helpers import ServeProcess, start_serve_process
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO_BACKEND = REPO / "examples" / "echo_backend.py"
@@ -64,75 +65,14 @@ async def run_rpbroker(
     )
 
 
-@attrs.define
-class Served:
-    """A running ``rpbroker serve`` and the stderr lines it has written so far."""
-
-    process: trio.Process
-    lines: list[str] = attrs.field(factory=list)
-    _changed: trio.Event = attrs.field(factory=trio.Event)
-    ended: trio.Event = attrs.field(factory=trio.Event)
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def end(self) -> None:
-        self.ended.set()
-        self._changed.set()
-
-    def matching(self, needle: str) -> list[str]:
-        return [line for line in self.lines if needle in line]
-
-    async def wait_for_line(self, needle: str) -> str:
-        """The first stderr line containing ``needle``, once it has been written."""
-        while not self.matching(needle):
-            if self.ended.is_set():
-                raise AssertionError(f"serve ended without {needle!r}:\n" + "\n".join(self.lines))
-            await self._changed.wait()
-        return self.matching(needle)[0]
-
-
 async def start_serve(
     nursery: trio.Nursery, *args: str, env: Mapping[str, str] | None = None
-) -> Served:
-    """Start ``rpbroker serve ARGS``; return once it says where it serves.
-
-    Its stderr is read to the end in ``nursery``; a process still running when the
-    nursery is cancelled (a failed test) is killed and reaped.
-    """
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "rpbroker", "serve", *args],
-        stderr=subprocess.PIPE,
-        env=dict(env) if env is not None else environment(),
+) -> ServeProcess:
+    """Start ``rpbroker serve ARGS`` in ``environment()`` (or ``env``); see
+    ``start_serve_process``."""
+    return await start_serve_process(
+        nursery, list(args), env=dict(env) if env is not None else environment()
     )
-    assert process.stderr is not None
-    stderr = process.stderr
-    served = Served(process)
-
-    async def read_lines() -> None:
-        pending = b""
-        try:
-            async with stderr:
-                while chunk := await stderr.receive_some():
-                    pending += chunk
-                    *complete, pending = pending.split(b"\n")
-                    for line in complete:
-                        served.add(line.decode(errors="replace"))
-            if pending:
-                served.add(pending.decode(errors="replace"))
-            await process.wait()
-        finally:
-            served.end()
-            if process.returncode is None:
-                with trio.CancelScope(shield=True):
-                    process.kill()
-                    await process.wait()
-
-    nursery.start_soon(read_lines)
-    await served.wait_for_line("serving on")
-    return served
 
 
 def write_echo_service(services: Path, name: str = "echo") -> None:
