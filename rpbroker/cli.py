@@ -56,6 +56,8 @@ from rpbroker.logfmt import (
     KeyValues,
     LogFormat,
     configure_logging,
+    env_log_format,
+    env_log_level,
     parse_format,
     parse_level,
 )
@@ -401,17 +403,8 @@ def serve_settings(
     elif file is None or file.values.get("socket_path") is None:
         # Where clients and admin commands look by default.
         overrides["socket_path"] = Override("the default endpoint", default_broker_endpoint())
-    level, fmt = args.log_level, args.log_format
-    try:
-        if level is None:
-            level = parse_level(environ.get(ENV_LOG_LEVEL) or "info")
-    except ValueError as exc:
-        raise ConfigError(f"${ENV_LOG_LEVEL}: {exc}") from None
-    try:
-        if fmt is None:
-            fmt = parse_format(environ.get(ENV_LOG_FORMAT) or LogFormat.TEXT.value)
-    except ValueError as exc:
-        raise ConfigError(f"${ENV_LOG_FORMAT}: {exc}") from None
+    level = args.log_level if args.log_level is not None else env_log_level(environ, logging.INFO)
+    fmt = args.log_format if args.log_format is not None else env_log_format(environ)
     config = build_config(file, overrides)
     # Backends log like the broker unless the config's backend_env says otherwise.
     backend_env = {

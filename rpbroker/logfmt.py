@@ -22,7 +22,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import attrs
 
@@ -32,6 +33,8 @@ from rpbroker.errors import ConfigError
 #: serve`` reads them as defaults for its flags and passes its choice on to backends.
 ENV_LOG_LEVEL = "RPBROKER_LOG_LEVEL"
 ENV_LOG_FORMAT = "RPBROKER_LOG_FORMAT"
+
+T = TypeVar("T")
 
 #: A field's value: what ``key=value`` text and JSON can both show as a typed value.
 FieldValue = str | int | float | bool | None | list[object] | dict[str, object]
@@ -199,30 +202,44 @@ def parse_format(text: str) -> LogFormat:
 LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
 
 
+def env_log_level(environ: Mapping[str, str], default: int) -> int:
+    """The level named by ``$RPBROKER_LOG_LEVEL``, or ``default`` when it is unset.
+
+    Raises:
+        ConfigError: an unknown name; the message names the variable.
+    """
+    return _from_env(environ, ENV_LOG_LEVEL, parse_level, default)
+
+
+def env_log_format(environ: Mapping[str, str]) -> LogFormat:
+    """The format named by ``$RPBROKER_LOG_FORMAT``, or text when it is unset.
+
+    Raises:
+        ConfigError: an unknown name; the message names the variable.
+    """
+    return _from_env(environ, ENV_LOG_FORMAT, parse_format, LogFormat.TEXT)
+
+
+def _from_env(environ: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
+    raw = environ.get(name)
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"${name}: {exc}") from None
+
+
 def configure_logging_from_env(
     default_level: int, *, static: Mapping[str, FieldValue] | None = None
 ) -> logging.Handler:
     """``configure_logging`` with ``$RPBROKER_LOG_LEVEL`` and ``$RPBROKER_LOG_FORMAT``.
 
-    Unset variables mean ``default_level`` and text.
-
     Raises:
         ConfigError: a variable holds an unknown value; the message names it.
     """
-    level, fmt = default_level, LogFormat.TEXT
-    try:
-        raw_level = os.environ.get(ENV_LOG_LEVEL)
-        if raw_level:
-            level = parse_level(raw_level)
-    except ValueError as exc:
-        raise ConfigError(f"${ENV_LOG_LEVEL}: {exc}") from None
-    try:
-        raw_format = os.environ.get(ENV_LOG_FORMAT)
-        if raw_format:
-            fmt = parse_format(raw_format)
-    except ValueError as exc:
-        raise ConfigError(f"${ENV_LOG_FORMAT}: {exc}") from None
-    return configure_logging(level, fmt, static=static)
+    level = env_log_level(os.environ, default_level)
+    return configure_logging(level, env_log_format(os.environ), static=static)
 
 
 def configure_logging(
