@@ -161,10 +161,6 @@ class ConfigFlag:
     kind: _FlagKind
     help: str
 
-    @property
-    def dest(self) -> str:
-        return self.field
-
 
 #: The common ``BrokerConfig`` fields as flags; every field can be set in ``--config``.
 SERVE_FLAGS: tuple[ConfigFlag, ...] = (
@@ -305,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
         if flag.kind is _FlagKind.SWITCH:
             serve.add_argument(
                 flag.flag,
-                dest=flag.dest,
+                dest=flag.field,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=flag.help + _default_text(flag.field),
@@ -313,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             serve.add_argument(
                 flag.flag,
-                dest=flag.dest,
+                dest=flag.field,
                 type=_FLAG_TYPES[flag.kind],
                 default=None,
                 metavar=flag.kind.value,
@@ -392,9 +388,9 @@ def serve_settings(
     """
     file: ConfigFile | None = read_config_file(args.config) if args.config else None
     overrides = {
-        flag.field: Override(flag.flag, getattr(args, flag.dest))
+        flag.field: Override(flag.flag, getattr(args, flag.field))
         for flag in SERVE_FLAGS
-        if getattr(args, flag.dest) is not None
+        if getattr(args, flag.field) is not None
     }
     if args.socket:
         overrides["socket_path"] = Override("--socket", args.socket)

@@ -130,13 +130,15 @@ class EventLog:
         self._recent.append(event)
         logger.log(
             _LEVELS.get(kind, logging.INFO),
-            KeyValues.of(
-                event=kind.value,
-                service=service_name,
-                version=service_version,
-                pid=pid or None,
-                reason=reason,
-                **details,
+            KeyValues.from_mapping(
+                {
+                    "event": kind.value,
+                    "service": service_name,
+                    "version": service_version,
+                    "pid": pid or None,
+                    "reason": reason,
+                    **details,
+                }
             ),
         )
         for sub in self._subscribers:
