@@ -1,6 +1,7 @@
 """The example broker script: a trio app embedding ``rpbroker.open_broker``.
 
-Usage: python examples/broker.py [--socket PATH] [--services DIR]
+Usage: python examples/broker.py [--socket PATH] [--services DIR] [--log-level LEVEL]
+                                 [--log-format text|json]
 
 Serves the services in ``DIR`` (default: a private copy of examples/services) until
 SIGINT/SIGTERM, then shuts down gracefully, printing lifecycle events as they
@@ -10,7 +11,6 @@ happen.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import signal
 import tempfile
@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 
 import rpbroker
+from rpbroker.logfmt import configure_logging, parse_format
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,6 +70,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--socket", default=None)
     parser.add_argument("--services", type=Path, default=None)
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser.add_argument("--log-format", default="text", help="text (key=value) or json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(args.log_level, parse_format(args.log_format))
     trio.run(main, args.socket, args.services)

@@ -13,6 +13,7 @@ Every step checks what it claims and exits non-zero if something is off.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from broker import private_services_copy
 
 import rpbroker
 from rpbroker.client import forget_cached_endpoints
+from rpbroker.logfmt import configure_logging
 
 MESSAGE = b"ping through the broker"
 
@@ -128,4 +130,6 @@ def _alive(pid: int) -> bool:
 
 
 if __name__ == "__main__":
+    # The broker's warnings (the crash below) come out as key=value lines on stderr.
+    configure_logging(logging.WARNING)
     trio.run(main)

@@ -7,12 +7,18 @@ handler.
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from rpbroker.backend import run_backend
 
+logger = logging.getLogger("echo")
+
 
 async def echo(stream: trio.abc.Stream) -> None:
+    # Shown when the broker runs with --log-level info or debug (backends log like it).
+    logger.info("connection opened")
     while data := await stream.receive_some():
         await stream.send_all(data)
 

@@ -34,6 +34,7 @@ import transports
 from rpbroker import control
 from rpbroker.errors import BackendEnvironmentError
 from rpbroker.launcher import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
+from rpbroker.logfmt import configure_logging_from_env
 from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
 from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, TokenVerdict, parse_token
 from rpbroker.streams import PrefixedStream
@@ -515,8 +516,8 @@ async def serve_backend(
 
 def run_backend(handler: Handler, **kwargs: Any) -> None:
     """Run ``serve_backend(handler, **kwargs)`` under ``trio.run`` (for backend scripts)."""
-    logging.basicConfig(
-        level=os.environ.get("RPBROKER_LOG_LEVEL", "WARNING").upper(),
-        format="%(asctime)s backend[%(process)d] %(levelname)s %(name)s: %(message)s",
+    configure_logging_from_env(
+        logging.WARNING,
+        static={"backend": os.environ.get(ENV_SERVICE_NAME), "backend_pid": os.getpid()},
     )
     trio.run(partial(serve_backend, handler, **kwargs))

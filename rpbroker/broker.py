@@ -137,10 +137,11 @@ class Broker:
         self._rate_limiter = HelloRateLimiter(config.hello_rate_limit, config.hello_rate_window_s)
         self._connection_ids = itertools.count(1)
         self._user = transports.current_user()
-        self.socket_path = config.socket_path or transports.broker_endpoint(
-            "shared", directory=config.runtime_dir
-        )
+        # Unset: the per-user shared endpoint, where clients look by default.
+        self.socket_path = config.socket_path or transports.broker_endpoint("shared")
         self.started_at = time.time()
+        #: True once the broker has bound its endpoint and accepted connections.
+        self.started = False
         self.connections_open = 0
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -276,6 +277,7 @@ class Broker:
                     await nursery.start(self.backends.quiesce_idle)
                 nursery.start_soon(self._accept_loop, listener, nursery)
                 self._accepting = True
+                self.started = True
                 self.events.emit(EventKind.BROKER_STARTED, socket=self.socket_path)
                 self._service_manager.ready(self.socket_path)
                 task_status.started(self)
@@ -293,7 +295,8 @@ class Broker:
         self._accepting = False
         self._stopping.set()
         if not self._stopped.is_set():
-            self.events.emit(EventKind.BROKER_STOPPED)
+            if self.started:  # a start-up that failed never started: nothing stopped
+                self.events.emit(EventKind.BROKER_STOPPED)
             self.events.close()
             self._stopped.set()
 

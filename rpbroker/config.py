@@ -4,8 +4,9 @@ What this module does: defines ``BrokerConfig``, every tunable of a broker with 
 default, unit and reason, validated at construction so a bad value fails with a
 message naming the field and the fix.
 
-What it does not do: read files or environment variables (the CLI maps its flags
-onto this class), or hold runtime state.
+What it does not do: read files or environment variables (``rpbroker.config_file``
+reads broker config files, the CLI maps its flags onto this class), or hold
+runtime state.
 """
 
 from __future__ import annotations
@@ -48,18 +49,29 @@ class ServiceManager(enum.Enum):
     SYSTEMD = "systemd"
 
 
+class ConfigValueError(ConfigError):
+    """A ``BrokerConfig`` field was given a value it does not accept.
+
+    ``field`` is the field's name and ``expected`` what it accepts ("a positive
+    number of seconds"), so a caller that took the value from somewhere else (a
+    flag, a config file) can name that place instead of the field.
+    """
+
+    def __init__(self, field: str, expected: str, value: object) -> None:
+        super().__init__(f"BrokerConfig.{field} must be {expected} (got {value!r})")
+        self.field = field
+        self.expected = expected
+        self.value = value
+
+
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
-        raise ConfigError(
-            f"BrokerConfig.{attribute.name} must be a positive number of seconds (got {value!r})"
-        )
+        raise ConfigValueError(attribute.name, "a positive number of seconds", value)
 
 
 def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not (isinstance(value, int) and value > 0):
-        raise ConfigError(
-            f"BrokerConfig.{attribute.name} must be a positive integer (got {value!r})"
-        )
+        raise ConfigValueError(attribute.name, "a positive integer", value)
 
 
 def _as_path(value: str | os.PathLike[str]) -> Path:

@@ -23,6 +23,8 @@ from typing import Any
 import attrs
 import trio
 
+from rpbroker.logfmt import KeyValues
+
 logger = logging.getLogger("rpbroker.events")
 
 #: Events buffered per subscriber before the oldest are dropped for that subscriber.
@@ -209,16 +211,21 @@ class EventLog:
             details=details,
         )
         self._recent.append(event)
-        logger.log(
-            _LEVELS.get(kind, logging.INFO),
-            "%s service=%s version=%s pid=%s %s%s",
-            kind.value,
-            service_name or "-",
-            service_version or "-",
-            pid or "-",
-            reason,
-            f" {details}" if details else "",
-        )
+        level = _LEVELS.get(kind, logging.INFO)
+        if logger.isEnabledFor(level):  # the fields are only built for a line written
+            logger.log(
+                level,
+                KeyValues.from_mapping(
+                    {
+                        "event": kind.value,
+                        "service": service_name,
+                        "version": service_version,
+                        "pid": pid or None,
+                        "reason": reason,
+                        **details,
+                    }
+                ),
+            )
         for sub in list(self._subscribers):
             sub._push(event)
         return event

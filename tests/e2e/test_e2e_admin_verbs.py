@@ -105,9 +105,17 @@ async def test_status_text_and_cli_forms(broker: rpbroker.Broker) -> None:
         reply = await admin_request(broker.socket_path, AdminVerb.STATUS)
         assert AdminReplyKind(reply.kind) is AdminReplyKind.TEXT
         assert reply.content_type == "text/plain"
+        # The wire's text form stays the reference's two lines ...
         assert reply.body == "broker_instance: shared\naccepting_hello: true\n"
+        # ... while the command renders the JSON form as a table for people.
         text = await run_cli("status", "--socket", broker.socket_path)
-        assert (text.returncode, text.stdout) == (0, reply.body)
+        assert text.returncode == 0, text.stderr
+        header, row = text.stdout.splitlines()[-2:]
+        assert header.split() == [
+            "SERVICE", "VERSION", "INSTANCE", "PID", "STATE", "UPTIME", "CONNS", "LAST", "ACTIVITY"
+        ]  # fmt: skip
+        assert row.split()[:5] == ["echo", "1.0.0", next(iter(broker.backends)).key.instance,
+                                   str(pid), "running"]  # fmt: skip
         cli = await run_cli("status", "--socket", broker.socket_path, "--json")
         assert cli.returncode == 0
         document = json.loads(cli.stdout)
@@ -119,10 +127,17 @@ async def test_dump_carries_lifecycle_events_and_spawn_budgets(broker: rpbroker.
     with trio.fail_after(20):
         pid = await warm(broker)
         dump = await ask(broker, AdminVerb.DUMP)
-        cli = await run_cli("dump", "--socket", broker.socket_path)
-    # DUMP is JSON whatever the flag says.
+        cli = await run_cli("dump", "--socket", broker.socket_path, "--json")
+        readable = await run_cli("dump", "--socket", broker.socket_path)
     assert cli.returncode == 0
     assert json.loads(cli.stdout)["command"] == "dump"
+    # Without --json the command renders the (always JSON) reply in sections.
+    assert readable.returncode == 0, readable.stderr
+    sections = [line for line in readable.stdout.splitlines() if line and not line[0].isspace()]
+    assert sections[0].startswith("broker shared, dump of ")
+    assert sections[1:4] == ["backends", "spawn budgets", "effective config"]
+    assert sections[4].startswith("recent lifecycle events (")
+    assert len(sections) == 5
     kinds = [e["kind"] for e in dump["recent_lifecycle_events"]]
     assert kinds[0] == "broker-started"
     assert kinds.index("spawning") < kinds.index("running")
@@ -265,7 +280,7 @@ async def test_metrics_render_the_eight_frozen_families_first_in_order(
     assert text.endswith("# EOF\n")
     types = [line.split()[2:] for line in text.splitlines() if line.startswith("# TYPE ")]
     # The frozen v1 families first, in order; rpbroker's own families after them.
-    assert types[:8] == [[PREFIX + suffix, kind] for suffix, kind in FAMILIES]
+    assert types[:8] == [[family.family_name, family.kind.value] for family in FAMILIES]
     assert all(name.startswith("rpbroker_") for name, _kind in types[8:])
     assert f"{PREFIX}fd_usage_ratio 0.000000" not in text.splitlines()
     lines = text.splitlines()
@@ -277,7 +292,7 @@ async def test_metrics_render_the_eight_frozen_families_first_in_order(
     assert cli.returncode == 0
     assert cli.stdout.rstrip("\n").endswith("# EOF")
     cli_types = [line.split()[2] for line in cli.stdout.splitlines() if line.startswith("# TYPE ")]
-    assert cli_types[:8] == [PREFIX + suffix for suffix, _ in FAMILIES]
+    assert cli_types[:8] == [family.family_name for family in FAMILIES]
 
 
 async def test_metrics_count_spawn_attempts(broker: rpbroker.Broker) -> None:

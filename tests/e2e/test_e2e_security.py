@@ -234,7 +234,7 @@ async def test_invalid_definitions_are_logged_at_start_and_the_good_ones_served(
         async with trio.open_nursery() as nursery:
             serve = await start_serve(nursery, workspace)
             [logged] = [line for line in serve.lines if "rpbroker.preflight" in line]
-            assert "WARNING" in logged
+            assert "level=warning" in logged
             assert f"{workspace.services}/broken.toml: field 'idle_timeout_secs':" in logged
             assert "must be a finite number of seconds greater than 0" in logged
             async with rpbroker.connect(
@@ -249,7 +249,9 @@ async def test_invalid_definitions_are_logged_at_start_and_the_good_ones_served(
             assert "idle_timeout_secs" in info.value.reason
             await serve.wait_for_line("Hello for service 'broken' refused (SERVICE_UNKNOWN)")
             [refused] = [line for line in serve.lines if "Hello for service 'broken'" in line]
-            assert "WARNING" in refused and "broken.toml: field 'idle_timeout_secs'" in refused
+            assert (
+                "level=warning" in refused and "broken.toml: field 'idle_timeout_secs'" in refused
+            )
             serve.process.send_signal(signal.SIGTERM)
             assert await serve.process.wait() == 0
 

@@ -46,8 +46,8 @@ from .test_e2e_supervision_helpers import (
 )
 
 #: The first demotion of an episode, and its end, as the broker logs them.
-DEMOTED = "rpbroker.events: fd-pressure service="
-CLEARED = "rpbroker.events: fd-pressure-cleared service="
+DEMOTED = "logger=rpbroker.events event=fd-pressure "
+CLEARED = "logger=rpbroker.events event=fd-pressure-cleared"
 #: Free descriptors left to the broker when its limit is lowered.
 HEADROOM = 6
 

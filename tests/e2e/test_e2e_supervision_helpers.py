@@ -156,6 +156,8 @@ class ServeProcess:
     process: trio.Process
     socket: str
     lines: list[str] = attrs.field(factory=list)
+    #: Set once its stderr has ended (it exited): waiting for more lines fails then.
+    ended: bool = False
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def _add(self, line: str) -> None:
@@ -163,37 +165,46 @@ class ServeProcess:
         self._changed.set()
         self._changed = trio.Event()
 
+    def _end(self) -> None:
+        self.ended = True
+        self._changed.set()
+
     def count(self, needle: str) -> int:
         return sum(needle in line for line in self.lines)
 
-    async def wait_for_line(self, needle: str, *, count: int = 1) -> None:
-        """Wait until ``count`` log lines contain ``needle`` (the broker's own events)."""
+    def matching(self, needle: str) -> list[str]:
+        return [line for line in self.lines if needle in line]
+
+    async def wait_for_line(self, needle: str, *, count: int = 1) -> str:
+        """Wait until ``count`` log lines contain ``needle``; return the first of them.
+
+        Raises ``AssertionError`` if the process ends first.
+        """
         while self.count(needle) < count:
+            if self.ended:
+                raise AssertionError(f"serve ended without {needle!r}:\n" + "\n".join(self.lines))
             await self._changed.wait()
+        return self.matching(needle)[0]
 
 
-async def start_serve(
+async def start_serve_process(
     nursery: trio.Nursery,
-    workspace: Workspace,
-    *extra: str,
-    log_level: str = "WARNING",
+    args: list[str],
+    *,
+    socket: str = "",
+    env: dict[str, str] | None = None,
 ) -> ServeProcess:
-    """Start ``rpbroker serve``; return once it says it serves. Its stderr is read to the end."""
+    """Start ``rpbroker serve ARGS``; return once it says it serves.
+
+    Its stderr is read to the end in ``nursery``; a process still running when that
+    reading is cancelled (the test failed) is killed and reaped.
+    """
     process = await trio.lowlevel.open_process(
-        [
-            sys.executable, "-m", "rpbroker", "serve",
-            "--socket", workspace.socket,
-            "--services", str(workspace.services),
-            "--runtime-dir", str(workspace.runtime),
-            "--log-level", log_level,
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "-m", "rpbroker", "serve", *args], stderr=subprocess.PIPE, env=env
+    )
     assert process.stderr is not None
     stderr = process.stderr
-    serve = ServeProcess(process=process, socket=workspace.socket)
-    started = trio.Event()
+    serve = ServeProcess(process=process, socket=socket)
 
     async def read_lines() -> None:
         pending = b""
@@ -204,13 +215,11 @@ async def start_serve(
                     *complete, pending = pending.split(b"\n")
                     for line in complete:
                         serve._add(line.decode(errors="replace"))
-                        if "serving on" in serve.lines[-1]:
-                            started.set()
             if pending:
                 serve._add(pending.decode(errors="replace"))
-            started.set()
             await process.wait()  # end of its stderr: it is exiting; reap it
         finally:
+            serve._end()
             if process.returncode is None:
                 # The test failed while the broker ran: leave no process behind.
                 with trio.CancelScope(shield=True):
@@ -218,9 +227,25 @@ async def start_serve(
                     await process.wait()
 
     nursery.start_soon(read_lines)
-    await started.wait()
-    assert any("serving on" in line for line in serve.lines), "\n".join(serve.lines)
+    await serve.wait_for_line("serving on")
     return serve
+
+
+async def start_serve(
+    nursery: trio.Nursery,
+    workspace: Workspace,
+    *extra: str,
+    log_level: str = "WARNING",
+) -> ServeProcess:
+    """Start ``rpbroker serve`` on the workspace; return once it says it serves."""
+    args = [
+        "--socket", workspace.socket,
+        "--services", str(workspace.services),
+        "--runtime-dir", str(workspace.runtime),
+        "--log-level", log_level,
+        *extra,
+    ]  # fmt: skip
+    return await start_serve_process(nursery, args, socket=workspace.socket)
 
 
 # -- admin on a raw connection ----------------------------------------------------------------
