@@ -30,6 +30,7 @@ from transports._interface import (
     EndpointNameError,
     EndpointUnavailableError,
     FdExhaustedError,
+    HostFactUnavailableError,
     InsecurePathError,
     Listener,
     PassedConnection,
@@ -37,6 +38,7 @@ from transports._interface import (
     PassReceipt,
     PeerIdentity,
     PeerNotAllowedError,
+    ProcessGoneError,
     ReceivedMessage,
     SpawnError,
     TransportError,
@@ -61,6 +63,7 @@ if sys.platform == "win32":
         verify_private_dir,
         wait_peer_closed,
     )
+    from transports._windows_host import boot_id, process_executable
 else:
     from transports._unix import (
         PLATFORM_NAME,
@@ -80,6 +83,7 @@ else:
         verify_private_dir,
         wait_peer_closed,
     )
+    from transports._unix_host import boot_id, process_executable
 
 __all__ = [
     "CONTROL_CHANNEL_ENV",
@@ -97,6 +101,7 @@ __all__ = [
     "EndpointNameError",
     "EndpointUnavailableError",
     "FdExhaustedError",
+    "HostFactUnavailableError",
     "InsecurePathError",
     "Listener",
     "PassFailure",
@@ -104,9 +109,11 @@ __all__ = [
     "PassedConnection",
     "PeerIdentity",
     "PeerNotAllowedError",
+    "ProcessGoneError",
     "ReceivedMessage",
     "SpawnError",
     "TransportError",
+    "boot_id",
     "broker_endpoint",
     "connect",
     "current_user",
@@ -117,6 +124,7 @@ __all__ = [
     "open_inherited_control_channel",
     "open_listener",
     "peer_identity",
+    "process_executable",
     "runtime_dir",
     "spawn_child",
     "user_hash",
