@@ -27,6 +27,13 @@ from typing import TypedDict, Unpack
 import trio
 
 import transports
+from rpbroker.endpoint_cache import (
+    CacheKey,
+    EndpointCache,
+    EndpointCheck,
+    current_endpoint_cache,
+    forget_run_cache,
+)
 from rpbroker.errors import (
     BackendUnavailableError,
     BrokerProtocolError,
@@ -34,6 +41,7 @@ from rpbroker.errors import (
     ConnectTimeoutError,
     RefusedError,
 )
+from rpbroker.probe_client import EndpointProbeError, ProbeFailure, probe_endpoint
 from rpbroker.streams import PrefixedStream
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
 from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
@@ -67,10 +75,6 @@ NEGOTIATION_ATTEMPTS = 2
 #: ``Hello.client_lib_name``.
 CLIENT_LIB_NAME = "rpbroker"
 CLIENT_LIB_VERSION = "0.1.0"
-
-#: Backend endpoints learned from earlier negotiations, for Hello-skip:
-#: (broker endpoint, service, version) -> backend endpoint.
-_endpoint_cache: dict[tuple[str, str, str], str] = {}
 
 
 class Route(enum.Enum):
@@ -113,8 +117,11 @@ def default_broker_endpoint() -> str:
 
 
 def forget_cached_endpoints() -> None:
-    """Drop every cached backend endpoint (Hello-skip starts from scratch)."""
-    _endpoint_cache.clear()
+    """Drop every endpoint in the current run's cache (Hello-skip starts from scratch).
+
+    Outside ``trio.run`` there is no cache, so this does nothing.
+    """
+    forget_run_cache()
 
 
 def hello_frame(
@@ -279,8 +286,12 @@ async def open_connection(
     keepalive_secs: int = 0,
     traceparent: str = "",
     tracestate: str = "",
+    endpoint_cache: EndpointCache | None = None,
 ) -> BrokeredStream:
     """Return a stream to ``service`` at ``version``; the caller must close it.
+
+    ``endpoint_cache`` holds the backend endpoints Hello-skip uses; by default the
+    current trio run's (``rpbroker.endpoint_cache.current_endpoint_cache``).
 
     Raises ``RefusedError`` (with the wire code and retry-after) when the broker
     refuses, ``BrokerUnavailableError`` when no broker answers,
@@ -291,17 +302,13 @@ async def open_connection(
     left behind on the client side.
     """
     broker_path = broker or default_broker_endpoint()
+    cache = current_endpoint_cache() if endpoint_cache is None else endpoint_cache
     cache_key = (broker_path, service, version)
     try:
         with trio.fail_after(timeout_s):
-            cached = _endpoint_cache.get(cache_key) if hello_skip else None
-            if cached is not None:
-                try:
-                    stream = await _connect_backend(cached, initial_data)
-                except BackendUnavailableError:
-                    _endpoint_cache.pop(cache_key, None)
-                else:
-                    return BrokeredStream(stream, Route.HELLO_SKIP, cached, None)
+            skipped = await _hello_skip(cache, cache_key, initial_data) if hello_skip else None
+            if skipped is not None:
+                return skipped
             hello = hello_frame(
                 service,
                 version,
@@ -316,6 +323,7 @@ async def open_connection(
                 try:
                     return await _negotiate(
                         broker_path,
+                        cache,
                         cache_key,
                         hello,
                         initial_data=initial_data,
@@ -334,9 +342,48 @@ async def open_connection(
         ) from exc
 
 
+async def _hello_skip(
+    cache: EndpointCache, key: CacheKey, initial_data: bytes
+) -> BrokeredStream | None:
+    """A stream straight to the cached backend endpoint of ``key``, or ``None`` (send a Hello).
+
+    An entry's identity is probed once, on its first use (``probe_endpoint``: pid
+    alive, executable, BLAKE3 hash, boot), never on every connection. Once is
+    enough: backend endpoint names are random 128-bit values that are never
+    reused, and a listener never silently replaces an existing path, so while the
+    verified backend lives a connect to that name reaches it, and once it is gone
+    the connect fails and the entry is dropped. An entry whose probe fails is
+    marked refused and served by Hellos from then on, without probing again.
+
+    Cancellation: a cancelled call closes what it opened (probe or backend
+    connection); the entry keeps its last recorded state.
+    """
+    cached = cache.get(key)
+    if cached is None or cached.check is EndpointCheck.REFUSED:
+        await trio.lowlevel.checkpoint()
+        return None
+    if cached.check is EndpointCheck.UNVERIFIED:
+        try:
+            await probe_endpoint(cached.endpoint)
+        except EndpointProbeError as exc:
+            if exc.failure is ProbeFailure.UNREACHABLE:
+                cache.forget(key, cached.endpoint)
+            else:
+                cache.record_check(key, cached.endpoint, EndpointCheck.REFUSED)
+            return None
+        cache.record_check(key, cached.endpoint, EndpointCheck.VERIFIED)
+    try:
+        stream = await _connect_backend(cached.endpoint, initial_data)
+    except BackendUnavailableError:
+        cache.forget(key, cached.endpoint)
+        return None
+    return BrokeredStream(stream, Route.HELLO_SKIP, cached.endpoint, None)
+
+
 async def _negotiate(
     broker_path: str,
-    cache_key: tuple[str, str, str],
+    cache: EndpointCache,
+    cache_key: CacheKey,
     hello: bytes,
     *,
     initial_data: bytes,
@@ -362,7 +409,7 @@ async def _negotiate(
             and await _await_handoff_ready(reader, token, handoff_ready_timeout_s)
         ):
             keep = True
-            _endpoint_cache[cache_key] = negotiated.backend_pipe
+            cache.remember(cache_key, negotiated.backend_pipe)
             return BrokeredStream(
                 stream, Route.HANDOFF, negotiated.backend_pipe, negotiated, reader.rest()
             )
@@ -375,7 +422,7 @@ async def _negotiate(
     if not negotiated.backend_pipe:
         raise BrokerProtocolError("broker negotiated an empty backend_pipe")
     backend = await _connect_backend(negotiated.backend_pipe, initial_data)
-    _endpoint_cache[cache_key] = negotiated.backend_pipe
+    cache.remember(cache_key, negotiated.backend_pipe)
     return BrokeredStream(backend, Route.RECONNECT, negotiated.backend_pipe, negotiated)
 
 
@@ -392,6 +439,7 @@ class ConnectOptions(TypedDict, total=False):
     keepalive_secs: int
     traceparent: str
     tracestate: str
+    endpoint_cache: EndpointCache | None
 
 
 @asynccontextmanager
