@@ -103,7 +103,11 @@ async def test_backend_endpoint_answers_the_probe_and_passes_other_bytes(
     import transports
     from rpbroker.wire.frames import decode_frame
     from rpbroker.wire.framing import MAX_FRAME_BYTES, read_frame_body
-    from rpbroker.wire.probe import PROBE_REQUEST_BODY_PREFIX, parse_probe_reply, probe_request_frame
+    from rpbroker.wire.probe import (
+        PROBE_REQUEST_BODY_PREFIX,
+        parse_probe_reply,
+        probe_request_frame,
+    )
 
     with trio.fail_after(20):
         async with rpbroker.connect("echo", "1.0.0", broker=broker.socket_path) as first:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rpbroker import wire
+from rpbroker.wire._pb import broker_v1_pb2 as v1
 from rpbroker.wire import (
     PROBE_NONCE_BYTES,
     PROBE_REQUEST_BODY_PREFIX,
@@ -175,7 +176,7 @@ def test_sniff_rejects_a_lookalike_once_complete() -> None:
 
 def test_sniff_rejects_a_compressed_probe() -> None:
     frame = wire.request(0xB232, NONCE, request_id=3)
-    frame.payload_encoding = 1  # ZSTD
+    frame.payload_encoding = v1.PayloadEncoding.PAYLOAD_ENCODING_ZSTD
     assert sniff_probe_request(wire.framed(frame)) == NotAProbe()
 
 
