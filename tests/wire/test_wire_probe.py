@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rpbroker import wire
-from rpbroker.wire._pb import broker_v1_pb2 as v1
 from rpbroker.wire import (
     PROBE_NONCE_BYTES,
     PROBE_REQUEST_BODY_PREFIX,
@@ -27,6 +26,7 @@ from rpbroker.wire import (
     probe_request_id,
     sniff_probe_request,
 )
+from rpbroker.wire._pb import broker_v1_pb2 as v1
 
 H = bytes.fromhex
 NONCE = bytes(range(100, 132))
