@@ -197,16 +197,24 @@ async def test_probe_client_reports_an_unreachable_endpoint(workspace: Workspace
 # -- Hello-skip -------------------------------------------------------------------------
 
 
+def spy_on_probes(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[str]:
+    """Record every endpoint the client probes; the probe is real, or always fails."""
+    probed: list[str] = []
+
+    async def spy(endpoint: str) -> wire.DaemonProcess:
+        probed.append(endpoint)
+        if fail:
+            raise EndpointProbeError(endpoint, ProbeFailure.IDENTITY, "test")
+        return await probe_endpoint(endpoint)
+
+    monkeypatch.setattr(client_module, "probe_endpoint", spy)
+    return probed
+
+
 async def test_hello_skip_verifies_each_cache_entry_once(
     broker: rpbroker.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    probed: list[str] = []
-
-    async def counting_probe(endpoint: str) -> wire.DaemonProcess:
-        probed.append(endpoint)
-        return await probe_endpoint(endpoint)
-
-    monkeypatch.setattr(client_module, "probe_endpoint", counting_probe)
+    probed = spy_on_probes(monkeypatch, fail=False)
     cache = EndpointCache()
     key = (broker.socket_path, "echo", "1.0.0")
     routes = []
@@ -261,13 +269,7 @@ async def test_hello_skip_refuses_an_endpoint_whose_identity_fails(
 async def test_a_refused_endpoint_is_not_probed_again(
     broker: rpbroker.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    probed: list[str] = []
-
-    async def failing_probe(endpoint: str) -> wire.DaemonProcess:
-        probed.append(endpoint)
-        raise EndpointProbeError(endpoint, ProbeFailure.IDENTITY, "test")
-
-    monkeypatch.setattr(client_module, "probe_endpoint", failing_probe)
+    probed = spy_on_probes(monkeypatch, fail=True)
     cache = EndpointCache()
     with trio.fail_after(20):
         for _ in range(3):
