@@ -20,12 +20,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -33,14 +33,19 @@ import trio
 import transports
 from rpbroker import control
 from rpbroker.errors import BackendEnvironmentError
+from rpbroker.identity import local_identity
 from rpbroker.launcher import ENV_ENDPOINT, ENV_INSTANCE, ENV_SERVICE_NAME, ENV_SERVICE_VERSION
 from rpbroker.logfmt import configure_logging_from_env
 from rpbroker.policy.broadcast import BroadcastFailure, Quiesce, ReleaseHandles
 from rpbroker.policy.tokens import HANDOFF_TOKEN_BYTES, HandoffToken, TokenVerdict, parse_token
 from rpbroker.streams import PrefixedStream
-from rpbroker.wire import DaemonProcess, Endpoint
-from rpbroker.wire.frames import MalformedMessage, decode_frame
-from rpbroker.wire.probe import PROBE_REQUEST_PREFIX, parse_probe_request, probe_reply_frame
+from rpbroker.wire import DaemonProcess, Endpoint, Frame
+from rpbroker.wire.probe import (
+    NotAProbe,
+    ProbeRequestSeen,
+    probe_reply_frame,
+    sniff_probe_request,
+)
 
 logger = logging.getLogger("rpbroker.backend")
 
@@ -72,8 +77,6 @@ MAX_CONTROL_FRAME_BYTES = 64 * 1024
 #: Minimum spacing of activity reports to the broker, seconds. Idle timeouts are
 #: tens of seconds, so a report a second is ample and costs nothing per connection.
 ACTIVITY_REPORT_INTERVAL_S = 1.0
-#: Length of a framed probe request: 5-byte header + 40-byte body.
-_PROBE_FRAME_BYTES = len(PROBE_REQUEST_PREFIX) + 32
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 ReleaseHook = Callable[[str], Awaitable[None]]
@@ -112,48 +115,91 @@ class BackendContext:
 class _ProbeAwareStream(PrefixedStream):
     """A reconnect-route stream that answers an endpoint probe instead of passing it on.
 
-    The first ``receive_some`` compares the incoming bytes with the fixed prefix of a
-    framed probe request. As soon as they diverge, every byte goes to the handler
-    unchanged; a complete probe is answered and the handler sees end-of-stream.
+    The handler's first ``receive_some`` first looks at what the client sent
+    (``wire.sniff_probe_request``): a complete v1 probe request (0xB232, 32-byte
+    nonce, any request_id and trace context) is answered with this process's
+    identity, echoing request_id and trace context as the reference does, and the
+    connection is closed: the handler sees end-of-stream and its writes fail as to
+    a peer that hung up. Anything else reaches the handler byte for byte, the
+    sniffed bytes first. Reads are bounded by the shortest probe frame the bytes
+    so far allow, so nothing after a probe is consumed. Once the first bytes look
+    like the start of a probe, the rest must arrive within ``COMPLETION_WAIT_S``;
+    after that they go to the handler as they are, so a client that sends a few
+    probe-like bytes and waits for an answer is served, not stalled. Cancelling a
+    ``receive_some`` during the sniff keeps what was read for the next call.
+
+    A handler that writes before it first reads (a server-speaks-first protocol)
+    writes ahead of any probe reply, so such backends cannot be probed.
     """
+
+    #: How long the rest of a probe-looking start may take to arrive, seconds.
+    #: Probers write a request in one piece (the reference's probe.rs and
+    #: ``rpbroker.probe_client`` both do), so for them the rest is already queued
+    #: and this never runs out. It bounds the delay of an application client whose
+    #: first write happens to be a strict prefix of a probe frame, and gives a
+    #: prober that splits its writes that long to finish.
+    COMPLETION_WAIT_S: Final = 0.1
+    #: Bound on writing the probe reply, seconds: a few hundred bytes into an
+    #: empty socket buffer, so this only trips for a prober that stopped reading.
+    REPLY_WRITE_TIMEOUT_S: Final = 1.0
 
     def __init__(self, inner: trio.abc.Stream, identity: Callable[[], DaemonProcess]) -> None:
         super().__init__(inner)
         self._identity = identity
-        self._sniffed = False
-        self._probe_answered = False
+        self._sniffing = True
+        self._seen = bytearray()
+        self._complete_by = math.inf
+        self._probe: Frame | None = None
+        self._answered = False
 
     async def _sniff(self) -> None:
-        self._sniffed = True
-        buf = b""
-        while len(buf) < _PROBE_FRAME_BYTES:
-            overlap = min(len(buf), len(PROBE_REQUEST_PREFIX))
-            if buf[:overlap] != PROBE_REQUEST_PREFIX[:overlap]:
+        while True:
+            verdict = sniff_probe_request(bytes(self._seen))
+            if isinstance(verdict, ProbeRequestSeen):
+                self._probe = verdict.frame
                 break
-            chunk = await self._inner.receive_some(_PROBE_FRAME_BYTES - len(buf))
-            if not chunk:
+            if isinstance(verdict, NotAProbe):
                 break
-            buf += chunk
-        if len(buf) == _PROBE_FRAME_BYTES and buf.startswith(PROBE_REQUEST_PREFIX):
-            body = buf[transports.FRAME_HEADER_BYTES :]
-            try:
-                parse_probe_request(body)  # envelope (REQUEST, 0xB232) and 32-byte nonce
-                frame = decode_frame(body)
-            except MalformedMessage:
-                self._prefix = buf
-                return
-            await self._inner.send_all(probe_reply_frame(frame, self._identity()))
-            self._probe_answered = True
-            return
-        self._prefix = buf
+            with trio.move_on_at(self._complete_by) as waited:
+                chunk = await self._inner.receive_some(verdict.at_most)
+            if waited.cancelled_caught or not chunk:
+                break  # the rest did not come: these bytes are the client's
+            if not self._seen:
+                self._complete_by = trio.current_time() + self.COMPLETION_WAIT_S
+            self._seen += chunk
+        self._sniffing = False
+        if self._probe is None:
+            self._prefix = bytes(self._seen)
+        self._seen = bytearray()
+
+    async def _answer(self, request: Frame) -> None:
+        self._answered = True
+        try:
+            reply = probe_reply_frame(request, self._identity())
+            with trio.move_on_after(self.REPLY_WRITE_TIMEOUT_S):
+                await self._inner.send_all(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the prober hung up first; it asked and left
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._inner.aclose()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if not self._sniffed:
+        if self._sniffing:
             await self._sniff()
-        if self._probe_answered:
+        if self._probe is not None:
+            request, self._probe = self._probe, None
+            await self._answer(request)
+        if self._answered:
             await trio.lowlevel.checkpoint()
             return b""  # a probe connection carries nothing for the handler
         return await super().receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._answered:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError("this connection was an endpoint probe and is closed")
+        await super().send_all(data)
 
 
 class _Backend:
@@ -188,10 +234,9 @@ class _Backend:
     # -- identity ---------------------------------------------------------------
 
     def identity(self) -> DaemonProcess:
-        return DaemonProcess(
-            pid=os.getpid(),
-            exe_path=sys.executable,
-            ipc_endpoint=Endpoint(namespace_id=self.ctx.instance, path=self.ctx.endpoint),
+        """This process's probe identity (``rpbroker.identity``; executable hashed once)."""
+        return local_identity(
+            Endpoint(namespace_id=self.ctx.instance, path=self.ctx.endpoint),
             started_at_unix_ms=self.started_at_ms,
         )
 

@@ -27,7 +27,6 @@ ends by its timeout only.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from typing import Unpack
 
@@ -46,6 +45,7 @@ from rpbroker.client import (
     is_handoff_ready_event,
     negotiated_from_reply_body,
 )
+from rpbroker.endpoint_cache import CacheKey, EndpointCache, EndpointCheck
 from rpbroker.errors import (
     BackendUnavailableError,
     BrokerError,
@@ -63,43 +63,6 @@ from rpbroker.wire.framing import (
     TruncatedFrame,
     parse_header,
 )
-
-#: (broker endpoint, service, version): what a cached backend endpoint answers for.
-CacheKey = tuple[str, str, str]
-
-
-class EndpointCache:
-    """Backend endpoints learned from negotiations, for Hello-skip. Thread-safe.
-
-    Keyed by (broker endpoint, service, version): an endpoint answers only for the
-    exact version it was negotiated for.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[CacheKey, str] = {}
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def get(self, key: CacheKey) -> str | None:
-        with self._lock:
-            return self._entries.get(key)
-
-    def remember(self, key: CacheKey, endpoint: str) -> None:
-        with self._lock:
-            self._entries[key] = endpoint
-
-    def forget(self, key: CacheKey, endpoint: str) -> None:
-        """Drop ``key`` if it still maps to ``endpoint`` (another thread may have renewed it)."""
-        with self._lock:
-            if self._entries.get(key) == endpoint:
-                del self._entries[key]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 @attrs.frozen
@@ -235,6 +198,7 @@ class _Settings:
     keepalive_secs: int = 0
     traceparent: str = ""
     tracestate: str = ""
+    endpoint_cache: EndpointCache | None = None
 
     @classmethod
     def of(cls, options: ConnectOptions) -> _Settings:
@@ -271,13 +235,18 @@ class BlockingClient:
         settings = _Settings.of(options)
         deadline = _Deadline.after(settings.timeout_s)
         key = (settings.broker or default_broker_endpoint(), service, version)
+        cache = settings.endpoint_cache or self.cache
         try:
-            cached = self.cache.get(key) if settings.hello_skip else None
-            if cached is not None:
+            entry = cache.get(key) if settings.hello_skip else None
+            # No identity probe here (the async client probes once per entry): an
+            # endpoint the async client refused is not used, others are reached
+            # directly, since backend endpoint names are random and never reused.
+            if entry is not None and entry.check is not EndpointCheck.REFUSED:
+                cached = entry.endpoint
                 try:
                     sock = _connect_backend(cached, settings.initial_data, deadline)
                 except BackendUnavailableError:
-                    self.cache.forget(key, cached)
+                    cache.forget(key, cached)
                 else:
                     return BrokeredSocket(sock, Route.HELLO_SKIP, cached, None)
             hello = hello_frame(
@@ -292,7 +261,7 @@ class BlockingClient:
             )
             for attempt in range(NEGOTIATION_ATTEMPTS):
                 try:
-                    return self._negotiate(key, hello, settings, deadline)
+                    return self._negotiate(cache, key, hello, settings, deadline)
                 except BackendUnavailableError:
                     # The negotiated backend died between the reply and our
                     # connect; the broker knows by now and routes to its successor.
@@ -305,7 +274,12 @@ class BlockingClient:
             ) from exc
 
     def _negotiate(
-        self, key: CacheKey, hello: bytes, settings: _Settings, deadline: _Deadline
+        self,
+        cache: EndpointCache,
+        key: CacheKey,
+        hello: bytes,
+        settings: _Settings,
+        deadline: _Deadline,
     ) -> BrokeredSocket:
         broker_path = key[0]
         sock = _connect(
@@ -335,7 +309,7 @@ class BlockingClient:
             ):
                 keep = True
                 sock.settimeout(None)
-                self.cache.remember(key, negotiated.backend_pipe)
+                cache.remember(key, negotiated.backend_pipe)
                 return BrokeredSocket(sock, Route.HANDOFF, negotiated.backend_pipe, negotiated)
         except TimeoutError:
             raise
@@ -347,7 +321,7 @@ class BlockingClient:
         if not negotiated.backend_pipe:
             raise BrokerProtocolError("broker negotiated an empty backend_pipe")
         backend = _connect_backend(negotiated.backend_pipe, settings.initial_data, deadline)
-        self.cache.remember(key, negotiated.backend_pipe)
+        cache.remember(key, negotiated.backend_pipe)
         return BrokeredSocket(backend, Route.RECONNECT, negotiated.backend_pipe, negotiated)
 
 

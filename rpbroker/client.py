@@ -29,6 +29,13 @@ import trio
 
 import transports
 from rpbroker._version import __version__
+from rpbroker.endpoint_cache import (
+    CacheKey,
+    EndpointCache,
+    EndpointCheck,
+    current_endpoint_cache,
+    forget_run_cache,
+)
 from rpbroker.errors import (
     BackendUnavailableError,
     BrokerProtocolError,
@@ -43,6 +50,7 @@ from rpbroker.policy.hello import (
     is_valid_semver,
     is_valid_service_name,
 )
+from rpbroker.probe_client import EndpointProbeError, ProbeFailure, probe_endpoint
 from rpbroker.streams import PrefixedStream
 from rpbroker.wire import Frame, HandoffAck, Hello, HelloReply, Negotiated
 from rpbroker.wire.codes import PROTOCOL_VERSION, Capability, FrameKind, RefusalCode
@@ -83,10 +91,6 @@ NEGOTIATION_ATTEMPTS = 2
 CLIENT_LIB_NAME = "rpbroker"
 #: ``Hello.client_lib_version``: the installed rpbroker version.
 CLIENT_LIB_VERSION = __version__
-
-#: Backend endpoints learned from earlier negotiations, for Hello-skip:
-#: (broker endpoint, service, version) -> backend endpoint.
-_endpoint_cache: dict[tuple[str, str, str], str] = {}
 
 
 class Route(enum.Enum):
@@ -129,8 +133,11 @@ def default_broker_endpoint() -> str:
 
 
 def forget_cached_endpoints() -> None:
-    """Drop every cached backend endpoint (Hello-skip starts from scratch)."""
-    _endpoint_cache.clear()
+    """Drop every endpoint in the current run's cache (Hello-skip starts from scratch).
+
+    Outside ``trio.run`` there is no cache, so this does nothing.
+    """
+    forget_run_cache()
 
 
 def check_service_and_version(service: str, version: str) -> None:
@@ -356,8 +363,12 @@ async def open_connection(
     keepalive_secs: int = 0,
     traceparent: str = "",
     tracestate: str = "",
+    endpoint_cache: EndpointCache | None = None,
 ) -> BrokeredStream:
     """Return a stream to ``service`` at ``version``; the caller must close it.
+
+    ``endpoint_cache`` holds the backend endpoints Hello-skip uses; by default the
+    current trio run's (``rpbroker.endpoint_cache.current_endpoint_cache``).
 
     Raises ``ConnectArgumentError`` (a ``ValueError``) for a malformed
     ``service`` or ``version`` before any I/O, ``RefusedError`` (with the wire
@@ -371,17 +382,13 @@ async def open_connection(
     """
     check_service_and_version(service, version)
     broker_path = broker or default_broker_endpoint()
+    cache = current_endpoint_cache() if endpoint_cache is None else endpoint_cache
     cache_key = (broker_path, service, version)
     try:
         with trio.fail_after(timeout_s):
-            cached = _endpoint_cache.get(cache_key) if hello_skip else None
-            if cached is not None:
-                try:
-                    stream = await _connect_backend(cached, initial_data)
-                except BackendUnavailableError:
-                    _endpoint_cache.pop(cache_key, None)
-                else:
-                    return BrokeredStream(stream, Route.HELLO_SKIP, cached, None)
+            skipped = await _hello_skip(cache, cache_key, initial_data) if hello_skip else None
+            if skipped is not None:
+                return skipped
             hello = hello_frame(
                 service,
                 version,
@@ -396,6 +403,7 @@ async def open_connection(
                 try:
                     return await _negotiate(
                         broker_path,
+                        cache,
                         cache_key,
                         hello,
                         initial_data=initial_data,
@@ -414,9 +422,48 @@ async def open_connection(
         ) from exc
 
 
+async def _hello_skip(
+    cache: EndpointCache, key: CacheKey, initial_data: bytes
+) -> BrokeredStream | None:
+    """A stream straight to the cached backend endpoint of ``key``, or ``None`` (send a Hello).
+
+    An entry's identity is probed once, on its first use (``probe_endpoint``: pid
+    alive, executable, BLAKE3 hash, boot), never on every connection. Once is
+    enough: backend endpoint names are random 128-bit values that are never
+    reused, and a listener never silently replaces an existing path, so while the
+    verified backend lives a connect to that name reaches it, and once it is gone
+    the connect fails and the entry is dropped. An entry whose probe fails is
+    marked refused and served by Hellos from then on, without probing again.
+
+    Cancellation: a cancelled call closes what it opened (probe or backend
+    connection); the entry keeps its last recorded state.
+    """
+    cached = cache.get(key)
+    if cached is None or cached.check is EndpointCheck.REFUSED:
+        await trio.lowlevel.checkpoint()
+        return None
+    if cached.check is EndpointCheck.UNVERIFIED:
+        try:
+            await probe_endpoint(cached.endpoint)
+        except EndpointProbeError as exc:
+            if exc.failure is ProbeFailure.UNREACHABLE:
+                cache.forget(key, cached.endpoint)
+            else:
+                cache.record_check(key, cached.endpoint, EndpointCheck.REFUSED)
+            return None
+        cache.record_check(key, cached.endpoint, EndpointCheck.VERIFIED)
+    try:
+        stream = await _connect_backend(cached.endpoint, initial_data)
+    except BackendUnavailableError:
+        cache.forget(key, cached.endpoint)
+        return None
+    return BrokeredStream(stream, Route.HELLO_SKIP, cached.endpoint, None)
+
+
 async def _negotiate(
     broker_path: str,
-    cache_key: tuple[str, str, str],
+    cache: EndpointCache,
+    cache_key: CacheKey,
     hello: bytes,
     *,
     initial_data: bytes,
@@ -445,7 +492,7 @@ async def _negotiate(
             )
         ):
             keep = True
-            _endpoint_cache[cache_key] = negotiated.backend_pipe
+            cache.remember(cache_key, negotiated.backend_pipe)
             return BrokeredStream(
                 stream, Route.HANDOFF, negotiated.backend_pipe, negotiated, reader.rest()
             )
@@ -458,7 +505,7 @@ async def _negotiate(
     if not negotiated.backend_pipe:
         raise BrokerProtocolError("broker negotiated an empty backend_pipe")
     backend = await _connect_backend(negotiated.backend_pipe, initial_data)
-    _endpoint_cache[cache_key] = negotiated.backend_pipe
+    cache.remember(cache_key, negotiated.backend_pipe)
     return BrokeredStream(backend, Route.RECONNECT, negotiated.backend_pipe, negotiated)
 
 
@@ -475,6 +522,7 @@ class ConnectOptions(TypedDict, total=False):
     keepalive_secs: int
     traceparent: str
     tracestate: str
+    endpoint_cache: EndpointCache | None
 
 
 @asynccontextmanager

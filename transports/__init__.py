@@ -30,6 +30,7 @@ from transports._interface import (
     EndpointNameError,
     EndpointUnavailableError,
     FdExhaustedError,
+    HostFactUnavailableError,
     InsecurePathError,
     Listener,
     NotifyDelivery,
@@ -39,6 +40,7 @@ from transports._interface import (
     PeerIdentity,
     PeerNotAllowedError,
     PlatformUnsupportedError,
+    ProcessGoneError,
     ReceivedMessage,
     RuntimeDirTooLongError,
     ServiceNotifier,
@@ -77,6 +79,7 @@ if sys.platform == "win32":
         verify_private_dir,
         wait_peer_closed,
     )
+    from transports._windows_host import boot_id, process_executable
 else:
     from transports._unix import (
         PLATFORM_NAME,
@@ -107,6 +110,7 @@ else:
         verify_private_dir,
         wait_peer_closed,
     )
+    from transports._unix_host import boot_id, process_executable
 
 __all__ = [
     "CONTROL_CHANNEL_ENV",
@@ -124,6 +128,7 @@ __all__ = [
     "EndpointNameError",
     "EndpointUnavailableError",
     "FdExhaustedError",
+    "HostFactUnavailableError",
     "InsecurePathError",
     "Listener",
     "NotifyDelivery",
@@ -133,11 +138,13 @@ __all__ = [
     "PassedConnection",
     "PeerIdentity",
     "PeerNotAllowedError",
+    "ProcessGoneError",
     "ReceivedMessage",
     "ServiceNotifier",
     "SocketActivationError",
     "SpawnError",
     "TransportError",
+    "boot_id",
     "broker_endpoint",
     "child_processes",
     "RuntimeDirTooLongError",
@@ -158,6 +165,7 @@ __all__ = [
     "peer_identity",
     "read_private_file",
     "remove_stale_backend_endpoints",
+    "process_executable",
     "runtime_dir",
     "service_notifier",
     "short_temp_dir",

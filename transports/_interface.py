@@ -130,6 +130,14 @@ class PeerNotAllowedError(TransportError):
     """The peer of a connection is not the current user."""
 
 
+class ProcessGoneError(TransportError):
+    """No process with that pid exists (any more), so there is nothing to inspect."""
+
+
+class HostFactUnavailableError(TransportError):
+    """This platform (or this process's permissions) cannot report the fact asked for."""
+
+
 class PassFailure(enum.Enum):
     """Why passing a connection to another process failed (facts §3.2, §3.7)."""
 

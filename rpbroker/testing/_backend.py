@@ -20,7 +20,6 @@ from rpbroker.policy.broadcast import (
     BroadcastOperation,
     Quiesce,
 )
-from rpbroker.wire import DaemonProcess, Endpoint
 
 from ._channel import MemoryControlChannel
 from ._process import FakeProcess
@@ -146,14 +145,6 @@ class _ScriptedSdk(_Backend):
             script.drain_timeout_s,
         )
         self._fake = fake
-
-    def identity(self) -> DaemonProcess:
-        return DaemonProcess(
-            pid=self._fake.pid,
-            exe_path="rpbroker-testing-fake",
-            ipc_endpoint=Endpoint(namespace_id=self.ctx.instance, path=self.ctx.endpoint),
-            started_at_unix_ms=self.started_at_ms,
-        )
 
     async def _on_offer(
         self, notice: control.OfferNotice, passed: transports.PassedConnection | None

@@ -86,12 +86,20 @@ from rpbroker.wire.framing import (
 )
 from rpbroker.wire.probe import (
     PROBE_NONCE_BYTES,
-    PROBE_REQUEST_PREFIX,
+    PROBE_REQUEST_BODY_PREFIX,
+    PROBE_REQUEST_MAX_BODY_BYTES,
+    PROBE_REQUEST_MIN_BODY_BYTES,
+    NeedMoreBytes,
+    NotAProbe,
     ProbeNonceMismatch,
+    ProbeRequestSeen,
+    ProbeSniff,
     parse_probe_reply,
     parse_probe_request,
     probe_reply_frame,
     probe_request_frame,
+    probe_request_id,
+    sniff_probe_request,
 )
 from rpbroker.wire.protocols import (
     FIRST_PARTY_PAYLOAD_PROTOCOLS,
@@ -177,12 +185,20 @@ __all__ = [
     "response_to",
     # probe
     "PROBE_NONCE_BYTES",
-    "PROBE_REQUEST_PREFIX",
+    "PROBE_REQUEST_BODY_PREFIX",
+    "PROBE_REQUEST_MAX_BODY_BYTES",
+    "PROBE_REQUEST_MIN_BODY_BYTES",
+    "NeedMoreBytes",
+    "NotAProbe",
     "ProbeNonceMismatch",
+    "ProbeRequestSeen",
+    "ProbeSniff",
     "parse_probe_reply",
     "parse_probe_request",
     "probe_reply_frame",
     "probe_request_frame",
+    "probe_request_id",
+    "sniff_probe_request",
     # payload protocols
     "FIRST_PARTY_PAYLOAD_PROTOCOLS",
     "KNOWN_ENTRIES",

@@ -103,7 +103,11 @@ async def test_backend_endpoint_answers_the_probe_and_passes_other_bytes(
     import transports
     from rpbroker.wire.frames import decode_frame
     from rpbroker.wire.framing import MAX_FRAME_BYTES, read_frame_body
-    from rpbroker.wire.probe import PROBE_REQUEST_PREFIX, parse_probe_reply, probe_request_frame
+    from rpbroker.wire.probe import (
+        PROBE_REQUEST_BODY_PREFIX,
+        parse_probe_reply,
+        probe_request_frame,
+    )
 
     with trio.fail_after(20):
         async with rpbroker.connect("echo", "1.0.0", broker=broker.socket_path) as first:
@@ -120,7 +124,7 @@ async def test_backend_endpoint_answers_the_probe_and_passes_other_bytes(
             assert identity.ipc_endpoint.path == endpoint
             assert await probe.receive_some(10) == b""  # the handler saw end-of-stream
         # Application bytes that start like a probe but diverge reach the handler.
-        lookalike = PROBE_REQUEST_PREFIX[:7] + b"-not-a-probe"
+        lookalike = b"\x01\x28\x00\x00\x00" + PROBE_REQUEST_BODY_PREFIX[:2] + b"-not-a-probe"
         plain = await transports.connect(endpoint)
         async with plain:
             assert await round_trip(plain, lookalike) == lookalike
