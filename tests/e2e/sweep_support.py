@@ -62,6 +62,8 @@ class ClientRecord:
     """One outside client: its request number, how it ended, and when."""
 
     number: int
+    #: Set once the request came back (the connection is live from then on).
+    echoed: trio.Event = attrs.field(factory=trio.Event)
     done: trio.Event = attrs.field(factory=trio.Event)
     end: ClientEnd | None = None
     error: BaseException | None = None
@@ -81,15 +83,24 @@ class OutsideClients:
     records: list[ClientRecord] = attrs.field(factory=list)
     _numbers: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
 
-    def start(self, connect: Callable[[bytes], Awaitable[trio.abc.Stream]]) -> ClientRecord:
-        """Start a client: ``connect(request)`` opens its stream, then one echo."""
+    def start(
+        self, connect: Callable[[bytes], Awaitable[trio.abc.Stream]], *, hold_open: bool = False
+    ) -> ClientRecord:
+        """Start a client: ``connect(request)`` opens its stream, then one echo.
+
+        ``hold_open``: after the echo, keep the connection open until the other
+        side ends it (a live connection for a drain).
+        """
         record = ClientRecord(next(self._numbers))
         self.records.append(record)
-        self.nursery.start_soon(self._run, connect, record)
+        self.nursery.start_soon(self._run, connect, record, hold_open)
         return record
 
     async def _run(
-        self, connect: Callable[[bytes], Awaitable[trio.abc.Stream]], record: ClientRecord
+        self,
+        connect: Callable[[bytes], Awaitable[trio.abc.Stream]],
+        record: ClientRecord,
+        hold_open: bool,
     ) -> None:
         request = b"<request %d>" % record.number
         try:
@@ -98,6 +109,10 @@ class OutsideClients:
                 async with stream:
                     try:
                         echoed = await read_exactly(stream, len(request))
+                        if echoed == request:
+                            record.echoed.set()
+                        while hold_open and echoed == request and await stream.receive_some():
+                            pass
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         echoed = b""
                 record.end = ClientEnd.ECHOED if echoed == request else ClientEnd.STREAM_CLOSED

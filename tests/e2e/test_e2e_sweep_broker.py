@@ -31,6 +31,8 @@ import trio
 
 import rpbroker
 from rpbroker.backend import Handler
+from rpbroker.policy.lifecycle import DEFAULT_TERMINATE_GRACE_S
+from rpbroker.supervisor.incarnation import REAP_TIMEOUT_S
 from rpbroker.testing import (
     CountedTasks,
     FakeBackendScript,
@@ -218,3 +220,91 @@ async def test_cutting_a_broker_over_fakes_at_any_step_ends_the_client_cleanly(
         SAMPLED_FAKES,
         fake_script=script,
     )
+
+
+#: The drain bound of the embedding sweep, s: the SDK echo backend keeps a live
+#: connection until just before it (then ends it and exits), so an uncut run's
+#: shutdown takes about this long.
+LIVE_DRAIN_TIMEOUT_S = 0.5
+#: Sampled cut points of the embedding sweep (a run takes about 80 steps).
+SAMPLED_EMBEDDING = SampleSteps(every_up_to=3, stride=13)
+
+
+async def test_cutting_serve_broker_at_any_step_returns_within_the_drain_bound(
+    workspace: Workspace,
+) -> None:
+    # ``serve_broker`` under ``nursery.start`` in the embedding scope, cut at every
+    # step of start-up, serving, and the shutdown's drain of a backend holding a
+    # live connection (the client, outside the cut, keeps it open until the
+    # backend ends it). Each run must return within the drain bound plus the
+    # terminate grace and the reap bound, and leave nothing.
+    received_log = workspace.root / "received.log"
+    workspace.add_service("svc", env={"RPB_TEST_COUNTER": str(received_log)})
+    config = workspace.config(
+        hello_rate_limit=HELLO_RATE_LIMIT, drain_timeout_s=LIVE_DRAIN_TIMEOUT_S
+    )
+    socket_file = Path(workspace.socket)
+    bound_s = LIVE_DRAIN_TIMEOUT_S + DEFAULT_TERMINATE_GRACE_S + REAP_TIMEOUT_S
+    cut_while_draining = 0
+    draining = False
+
+    async with trio.open_nursery() as outside:
+        clients = OutsideClients(outside, received_log)
+
+        async def open_client(socket_path: str, request: bytes) -> trio.abc.Stream:
+            return await rpbroker.open_connection(
+                "svc", "1.0.0", broker=socket_path, hello_skip=False, initial_data=request
+            )
+
+        async def embedded() -> None:
+            nonlocal draining, cut_while_draining
+            draining = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    broker = await nursery.start(functools.partial(rpbroker.serve_broker, config))
+                    record = clients.start(
+                        functools.partial(open_client, broker.socket_path), hold_open=True
+                    )
+                    async with trio.open_nursery() as race:
+                        race.start_soon(_set_then_cancel, record.echoed, race.cancel_scope)
+                        race.start_soon(_set_then_cancel, record.done, race.cancel_scope)
+                    broker.request_shutdown()
+                    draining = True
+            except BaseException:
+                if draining:
+                    cut_while_draining += 1
+                raise
+
+        def socket_removed() -> None:
+            assert not socket_file.exists(), f"{socket_file} was left behind"
+
+        with trio.fail_after(TEST_GUARD_S):
+            report = await assert_sweep_clean(
+                embedded,
+                counted=CountedTasks.WHOLE_RUN,
+                steps=steps_from_environment(SAMPLED_EMBEDDING),
+                invariants=[clients.all_ended, clients.no_request_delivered_twice, socket_removed],
+                settle=clients.wait_last,
+                settle_timeout_s=CLIENT_BOUND_S + 5,
+                # Start-up (a backend process) takes well under the slack.
+                run_timeout_s=bound_s + EMBEDDING_START_SLACK_S,
+            )
+    print(
+        f"serve_broker: {report.total_steps} steps uncancelled (whole run); "
+        f"{len(report.cut_runs)} cut runs, {cut_while_draining} during the drain;"
+        f" client ends {clients.ends()}"
+    )
+    assert clients.records[0].end is ClientEnd.ECHOED
+    if sweep_depth_from_environment() is SweepDepth.FULL:
+        assert cut_while_draining > 0
+
+
+#: Time a run may take beyond the drain bound, s: start-up, a backend spawn and
+#: one echo on a loaded two-core machine.
+EMBEDDING_START_SLACK_S = 10.0
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    """Wait for ``event``, then end the race. Cancellation: just stops waiting."""
+    await event.wait()
+    scope.cancel()
