@@ -21,12 +21,14 @@ import re
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Unpack
 
 import attrs
 import trio
 
 import rpbroker
 from rpbroker.events import EventKind
+from rpbroker.testing import CountedTasks, SampleSteps, SweepOptions, sweep_cancellation
 
 from .support import read_exactly
 
@@ -207,3 +209,18 @@ def phase_reached(events: list[rpbroker.LifecycleEvent]) -> BrokerPhase:
 def describe_phases(phases: collections.Counter[BrokerPhase]) -> dict[str, int]:
     """Cut runs per phase, by the phase's name, in the phases' order."""
     return {phase.value: phases[phase] for phase in BrokerPhase if phases[phase]}
+
+
+async def own_task_steps(
+    target: Callable[[], Awaitable[object]], **options: Unpack[SweepOptions]
+) -> int:
+    """Steps the target's own task takes uncancelled (for the summary line).
+
+    One uncut run (counting only the target's task) and one run cut at its first
+    step; ``options`` as for the sweep (``prepare``, ``settle``). Cancellation:
+    as ``sweep_cancellation``.
+    """
+    options["steps"] = SampleSteps(every_up_to=1, max_steps=1)
+    options["counted"] = CountedTasks.TARGET_TASK
+    report = await sweep_cancellation(target, **options)
+    return report.runs[0].steps

@@ -42,6 +42,7 @@ from rpbroker.wire.framing import MAX_FRAME_BYTES, FramingError, read_frame_body
 from rpbroker.wire.probe import PROBE_NONCE_BYTES, parse_probe_reply, probe_request_frame
 
 from .support import Workspace, read_exactly
+from .sweep_support import own_task_steps
 
 pytestmark = pytest.mark.sweep
 
@@ -328,9 +329,16 @@ async def test_the_sdk_is_clean_wherever_it_is_cancelled(
                 prepare=new_run,
                 settle=broker_side_done,
             )
-    ends = [run.end for run in runs]
+            ends = [run.end for run in runs]
+            own = await own_task_steps(
+                sdk,
+                invariants=[broker_side_ended_cleanly, endpoint_removed],
+                prepare=new_run,
+                settle=broker_side_done,
+            )
     print(
-        f"sdk/{request_kind.value}: {report.total_steps} steps uncancelled ({counted.value}); "
+        f"sdk/{request_kind.value}: {own} steps uncancelled (own task), "
+        f"{report.total_steps} ({counted.value}); "
         f"{len(report.cut_runs)} cut runs; broker side "
         f"{ {e.value: ends.count(e) for e in BrokerSideEnd if e in ends} }"
     )

@@ -53,6 +53,7 @@ from .sweep_support import (
     ClientEnd,
     OutsideClients,
     describe_phases,
+    own_task_steps,
     phase_reached,
 )
 
@@ -135,9 +136,16 @@ async def sweep_hello_path(
             settle_timeout_s=CLIENT_BOUND_S + 5,
             run_timeout_s=run_timeout_s,
         )
-    phases = collections.Counter(phase_reached(b.recent_events()) for b in brokers[1:-1])
+        swept = list(brokers)
+        own = await own_task_steps(
+            broker_serving_one_client,
+            settle=clients.wait_last,
+            settle_timeout_s=CLIENT_BOUND_S + 5,
+            run_timeout_s=run_timeout_s,
+        )
+    phases = collections.Counter(phase_reached(b.recent_events()) for b in swept[1:-1])
     print(
-        f"{label}: {report.total_steps} steps uncancelled (whole run); "
+        f"{label}: {own} steps uncancelled (own task), {report.total_steps} (whole run); "
         f"{len(report.cut_runs)} cut runs; cut phases {describe_phases(phases)};"
         f" client ends {clients.ends()}"
     )
@@ -289,8 +297,14 @@ async def test_cutting_serve_broker_at_any_step_returns_within_the_drain_bound(
                 # Start-up (a backend process) takes well under the slack.
                 run_timeout_s=bound_s + EMBEDDING_START_SLACK_S,
             )
+            own = await own_task_steps(
+                embedded,
+                settle=clients.wait_last,
+                settle_timeout_s=CLIENT_BOUND_S + 5,
+                run_timeout_s=bound_s + EMBEDDING_START_SLACK_S,
+            )
     print(
-        f"serve_broker: {report.total_steps} steps uncancelled (whole run); "
+        f"serve_broker: {own} steps uncancelled (own task), {report.total_steps} (whole run); "
         f"{len(report.cut_runs)} cut runs, {cut_while_draining} during the drain;"
         f" client ends {clients.ends()}"
     )

@@ -65,6 +65,7 @@ from rpbroker.wire.framing import MAX_FRAME_BYTES, read_frame_body
 from rpbroker.wire.protocols import PayloadProtocol
 
 from .support import Workspace, round_trip
+from .sweep_support import own_task_steps
 
 pytestmark = pytest.mark.sweep
 
@@ -254,11 +255,6 @@ async def sweep_one_attempt(
     failures = collections.Counter(
         AttemptFailure(e.details["failure"]) for e in events if e.kind is EventKind.HANDOFF_FALLBACK
     )
-    print(
-        f"{label}: {report.total_steps} steps uncancelled (every task); "
-        f"{len(report.cut_runs)} cut runs; {ledger.cancelled} attempts cancelled; "
-        f"fallbacks { ({f.value: n for f, n in failures.items()}) }"
-    )
     # Every attempt was announced exactly once. A cancelled one is announced as
     # cancelled unless the backend's answer was recorded before the cut reached
     # it (the first result wins); no other failure comes from a cancellation,
@@ -286,6 +282,19 @@ async def sweep_one_attempt(
         ) as stream:
             assert stream.route is rpbroker.Route.HANDOFF
             assert await round_trip(stream, b"after") == b"after"
+    cancelled = ledger.cancelled
+    own = await own_task_steps(
+        one_attempt,
+        invariants=invariants,
+        prepare=functools.partial(prepare, held, None if kind.adopts else fresh_coordinator),
+        checks=checks,
+        settle=broker.wait_connections_closed,
+    )
+    print(
+        f"{label}: {own} steps uncancelled (own task), {report.total_steps} (every task); "
+        f"{len(report.cut_runs)} cut runs; {cancelled} attempts cancelled; "
+        f"fallbacks { ({f.value: n for f, n in failures.items()}) }"
+    )
 
 
 @contextlib.asynccontextmanager
