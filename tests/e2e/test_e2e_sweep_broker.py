@@ -78,6 +78,13 @@ SAMPLED = SampleSteps(every_up_to=3, stride=11)
 TEST_GUARD_S = 1800
 
 
+async def open_client(socket_path: str, request: bytes) -> trio.abc.Stream:
+    """The outside client's connect: the Hello path (no Hello-skip), ``request`` behind it."""
+    return await rpbroker.open_connection(
+        "svc", "1.0.0", broker=socket_path, hello_skip=False, initial_data=request
+    )
+
+
 async def sweep_hello_path(
     label: str,
     workspace: Workspace,
@@ -98,11 +105,6 @@ async def sweep_hello_path(
 
     async with trio.open_nursery() as outside:
         clients = OutsideClients(outside, received_log)
-
-        async def open_client(socket_path: str, request: bytes) -> trio.abc.Stream:
-            return await rpbroker.open_connection(
-                "svc", "1.0.0", broker=socket_path, hello_skip=False, initial_data=request
-            )
 
         async def broker_serving_one_client() -> None:
             async with contextlib.AsyncExitStack() as stack:
@@ -258,11 +260,6 @@ async def test_cutting_serve_broker_at_any_step_returns_within_the_drain_bound(
 
     async with trio.open_nursery() as outside:
         clients = OutsideClients(outside, received_log)
-
-        async def open_client(socket_path: str, request: bytes) -> trio.abc.Stream:
-            return await rpbroker.open_connection(
-                "svc", "1.0.0", broker=socket_path, hello_skip=False, initial_data=request
-            )
 
         async def embedded() -> None:
             nonlocal draining, cut_while_draining
