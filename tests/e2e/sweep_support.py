@@ -7,6 +7,7 @@ running once the run has settled or one that ended in a way a client must never
 end (a hang past its bound, an untyped exception). ``BrokerPhase`` and
 ``phase_reached`` name how far a broker got before it was stopped, from its own
 event log, so a sweep can say where its cuts landed in terms of the Hello path.
+``own_task_steps`` measures the steps of a target's own task, for summaries.
 
 What it does not do: cut anything (the sweep does) or check the server side
 (each test's own invariants do).
