@@ -335,6 +335,12 @@ def is_handoff_ready_event(body: bytes, token: bytes) -> bool:
 
 
 async def _connect_backend(endpoint: str, initial_data: bytes) -> trio.abc.Stream:
+    """Connect to a backend endpoint and write ``initial_data``.
+
+    Raises ``BackendUnavailableError`` when the endpoint is unreachable or the
+    backend closes the connection before ``initial_data`` is written (it is
+    stopping). Cancellation: the connection is closed.
+    """
     try:
         stream = await transports.connect(endpoint)
     except transports.TransportError as exc:
@@ -342,9 +348,13 @@ async def _connect_backend(endpoint: str, initial_data: bytes) -> trio.abc.Strea
     try:
         if initial_data:
             await stream.send_all(initial_data)
-    except BaseException:
+    except BaseException as exc:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+        if isinstance(exc, trio.BrokenResourceError | OSError):
+            raise BackendUnavailableError(
+                f"backend at {endpoint} closed the connection before the request was sent: {exc}"
+            ) from exc
         raise
     return stream
 

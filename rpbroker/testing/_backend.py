@@ -208,7 +208,8 @@ class FakeBackend:
 
     Read ``process`` (a ``FakeProcess``), ``received_operations`` (every broadcast
     operation that reached it, in order), ``offers_received``,
-    ``handoffs_adopted``, ``handoffs_rejected`` and ``connections_served``;
+    ``handoffs_adopted``, ``handoffs_rejected``, ``connections_served`` and
+    ``held_streams``;
     ``ready_at`` is the ``trio.current_time()`` at which it reported ready.
     ``crash(status)`` simulates an unexpected exit.
     """
@@ -277,6 +278,11 @@ class FakeBackend:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def held_streams(self) -> tuple[trio.abc.Stream, ...]:
+        """Handed-off connections a ``NEVER_ACK`` or ``CRASH`` fake keeps until it ends."""
+        return tuple(self._held)
 
     def crash(self, status: int = 1) -> None:
         """Make the process exit now with ``status``, as a crash would."""
