@@ -220,7 +220,9 @@ async def test_cutting_a_broker_over_fakes_at_any_step_ends_the_client_cleanly(
         else HandoffBehaviour.ADOPT,
         handler=_recording_echo(received_log),
     )
-    (workspace.services / "svc.toml").write_text(FakeService().toml("svc"))
+    definition = workspace.services / "svc.toml"
+    definition.write_text(FakeService().toml("svc"))
+    definition.chmod(0o600)  # definitions must be private to the broker's user
     config = workspace.config(hello_rate_limit=HELLO_RATE_LIMIT, drain_timeout_s=DRAIN_TIMEOUT_S)
     await sweep_hello_path(
         f"fakes/{scenario.value}",
