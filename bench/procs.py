@@ -47,12 +47,21 @@ def process_cpu_ns(pid: int) -> int:
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (every thread's ``children`` list)."""
+    """Direct children of ``pid`` (every thread's ``children`` list), without the
+    broker's process-group reaper (an idle helper, not a backend)."""
     found: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/children") as f:
             found.extend(int(c) for c in f.read().split())
-    return found
+    return [child for child in found if not _is_reaper(child)]
+
+
+def _is_reaper(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"_unix_reaper_program" in f.read()
+    except OSError:
+        return False
 
 
 class CpuMeter:

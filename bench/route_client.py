@@ -29,6 +29,7 @@ import trio
 import rpbroker
 import transports
 from bench.wire_client import REQUEST, RouteError, WireClient
+from rpbroker.endpoint_cache import EndpointCache
 
 SERVICE = "echo"
 VERSION = "1.0.0"
@@ -51,6 +52,9 @@ class SdkClient:
     def __init__(self, broker: str, endpoint: str) -> None:
         self.broker = broker
         self.endpoint = endpoint
+        # One cache for every block (each block is its own trio run, and a run's
+        # default cache lives only as long as the run).
+        self.cache = EndpointCache()
 
     async def one(self, route: str) -> int:
         """Latency of one connection by ``route``, ns.
@@ -69,6 +73,7 @@ class SdkClient:
                 handoff=route == "sdk_handoff",
                 hello_skip=route == "sdk_hello_skip",
                 initial_data=REQUEST,
+                endpoint_cache=self.cache,
             )
             if brokered.route is not _EXPECTED_ROUTE[route]:
                 await brokered.aclose()

@@ -224,6 +224,9 @@ class _Backend:
         self._consumed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         #: Passed connections handed to a handler (the offer task must not close them).
         self._adopted: set[trio.abc.Stream] = set()
+        #: HandoffAcks waiting for the ACK sender (``_send_acks``).
+        self._acks: list[bytes] = []
+        self._acks_queued = trio.Event()
         self._activity = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -366,16 +369,15 @@ class _Backend:
                 self._remember(token_bytes)
                 self._adopted.add(passed.stream)
                 self._start_handler(passed.stream)
-                # The ACK is off the client's critical path: the handler runs first.
-                assert self._services is not None
-                self._services.start_soon(
-                    self._send_when_idle,
+                # The ACK is off the client's critical path: the handler runs first
+                # and the ACK sender sends it once this process is idle.
+                self._queue_ack(
                     control.handoff_reply(
                         token=token_bytes,
                         accepted=True,
                         detail="",
                         correlation_id=offer.correlation_id,
-                    ),
+                    )
                 )
                 return
         await self._refuse(notice, passed, detail or "refused")
@@ -437,25 +439,36 @@ class _Backend:
             return "offer names another service"
         return None
 
-    async def _send_when_idle(self, framed: bytes) -> None:
-        """Send a control message once no other task of this process is ready to run.
+    def _queue_ack(self, framed: bytes) -> None:
+        """Hand a HandoffAck to the ACK sender (it goes out once this process is idle)."""
+        self._acks.append(framed)
+        self._acks_queued.set()
 
-        Used for the HandoffAck: the adopted client's first exchange goes first, so
-        the ACK (and the broker's work on receiving it) never competes with it for
-        a CPU. Bounded by ``ACK_IDLE_WAIT_S``, so a busy backend still ACKs well
-        inside the deadline.
+    async def _send_acks(self) -> None:
+        """Send queued HandoffAcks once no other task of this process is ready to run.
 
-        Cancellation: the message is not sent.
+        One long-lived task rather than one per handoff: the adopted client's first
+        exchange goes first, so the ACK (and the broker's work on receiving it)
+        never competes with it for a CPU. Each wait is bounded by
+        ``ACK_IDLE_WAIT_S``, so a busy backend still ACKs well inside the deadline.
+
+        Cancellation: ends the loop; ACKs still queued are not sent (the broker's
+        ACK deadline then decides, as for a backend that went away).
         """
-        give_up_at = trio.current_time() + ACK_IDLE_WAIT_S
-        await trio.lowlevel.checkpoint()
-        while (
-            trio.lowlevel.current_statistics().tasks_runnable > 0
-            and trio.current_time() < give_up_at
-        ):
+        while True:
+            await self._acks_queued.wait()
+            self._acks_queued = trio.Event()
+            give_up_at = trio.current_time() + ACK_IDLE_WAIT_S
             await trio.lowlevel.checkpoint()
-        with contextlib.suppress(transports.ChannelClosedError):
-            await self.channel.send_message(framed)
+            while (
+                trio.lowlevel.current_statistics().tasks_runnable > 0
+                and trio.current_time() < give_up_at
+            ):
+                await trio.lowlevel.checkpoint()
+            acks, self._acks = self._acks, []
+            for framed in acks:
+                with contextlib.suppress(transports.ChannelClosedError):
+                    await self.channel.send_message(framed)
 
     def _remember(self, token: bytes) -> None:
         self._consumed[token] = None
@@ -515,6 +528,7 @@ class _Backend:
                     self._services = services
                     services.start_soon(self._accept_loop)
                     services.start_soon(self._report_activity)
+                    services.start_soon(self._send_acks)
                     services.start_soon(self._control_loop, done)
                     await self.channel.send_message(
                         control.ready_message(

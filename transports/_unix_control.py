@@ -81,6 +81,10 @@ else:
 #: errnos of send/recv meaning the peer is gone.
 _PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED})
 
+#: What passing a descriptor produces on Unix: it travels in ``SCM_RIGHTS``, so there
+#: is no handle value and nothing is left in the receiver's table on failure.
+_UNIX_RECEIPT = PassReceipt(handle_value=0, duplicated_handle=None)
+
 #: Value format of ``CONTROL_CHANNEL_ENV``: ``fd:<decimal descriptor>``.
 _ENV_VALUE = re.compile(r"fd:([0-9]{1,9})")
 
@@ -158,7 +162,8 @@ class UnixControlChannel:
         check_token(token)
         fd = connection_fd(connection)
         async with self._send_lock:
-            return await self._pass_locked(fd, token)
+            receipt, _ = await self._pass_locked(fd, token)
+            return receipt
 
     async def pass_connection_then_send(
         self,
@@ -176,17 +181,18 @@ class UnixControlChannel:
         written on the connection itself before it leaves, so it precedes anything
         the receiver writes there. ``framed`` is the frame, or a function building
         it from the ``PassReceipt`` (so platform-neutral code can put
-        ``handle_value`` in the offer). When no buffer is full the three writes
-        happen in one scheduler slice, with a single checkpoint at the end.
+        ``handle_value`` in the offer; on Unix the receipt is known in advance, so
+        the frame is built first and rides in the token packet's ``sendmsg``: the
+        receiver wakes once for both). When no buffer is full the preface and the
+        packet go out in one scheduler slice, with a single checkpoint at the end.
 
         Raises ``ValueError`` for a bad token or a bad ``framed`` bytes argument
         (nothing sent); ``trio.BrokenResourceError`` if the preface cannot be
-        written (nothing passed); ``ConnectionPassError`` otherwise. Once the
-        descriptor went out, any failure to send the frame (including a malformed
-        built frame) is ``ConnectionPassError`` with
-        ``fd_may_have_reached_backend=True`` (``BACKEND_UNAVAILABLE`` when the
-        channel is gone, ``FAILED`` for a malformed frame). Exceptions raised by
-        the builder propagate unchanged.
+        written (nothing passed); ``ConnectionPassError`` otherwise: ``FAILED``
+        for a malformed built frame (nothing passed), and, once the descriptor
+        went out, ``BACKEND_UNAVAILABLE`` with ``fd_may_have_reached_backend=True``
+        when the rest of the frame cannot be sent. Exceptions raised by the
+        builder propagate unchanged.
 
         Cancellation: safe while waiting to write the preface or for channel buffer
         space (nothing passed). A cancellation between the pass and the frame
@@ -208,18 +214,19 @@ class UnixControlChannel:
         else:
             lock.acquire_nowait()
         try:
-            receipt = await self._pass_locked(fd, token, final_checkpoint=False)
-            frame = framed if isinstance(framed, bytes) else framed(receipt)
+            # On Unix the receipt is known before the pass (the descriptor travels
+            # in SCM_RIGHTS, no handle value), so the offer frame is built first
+            # and rides in the same sendmsg as the token packet.
+            frame = framed if isinstance(framed, bytes) else framed(_UNIX_RECEIPT)
             try:
                 _check_frame(frame)
             except ValueError as exc:
                 raise ConnectionPassError(
-                    PassFailure.FAILED,
-                    f"the descriptor was sent but its offer frame is malformed: {exc}",
-                    fd_may_have_reached_backend=True,
+                    PassFailure.FAILED, f"the offer frame is malformed (nothing passed): {exc}"
                 ) from exc
+            receipt, rode = await self._pass_locked(fd, token, trailer=frame)
             try:
-                await self._send_all(frame)
+                await self._send_all(frame[rode:])
             except TransportError as exc:
                 raise ConnectionPassError(
                     PassFailure.BACKEND_UNAVAILABLE,
@@ -231,9 +238,12 @@ class UnixControlChannel:
             lock.release()
 
     async def _pass_locked(
-        self, fd: int, token: bytes, *, final_checkpoint: bool = True
-    ) -> PassReceipt:
-        """Send the token packet; the caller holds the send lock.
+        self, fd: int, token: bytes, *, trailer: bytes = b""
+    ) -> tuple[PassReceipt, int]:
+        """Send the token packet (with ``trailer`` in the same ``sendmsg`` when it fits).
+
+        Returns the receipt and how many trailer bytes went out; the caller holds
+        the send lock and sends the rest.
 
         Cancellation: as ``send_fd_with_token`` (safe until the packet is sent).
         """
@@ -244,7 +254,9 @@ class UnixControlChannel:
                 PassFailure.BACKEND_UNAVAILABLE, f"the control channel is {reason}"
             )
         try:
-            await send_fd_with_token(self._sock, fd, token, final_checkpoint=final_checkpoint)
+            rode = await send_fd_with_token(
+                self._sock, fd, token, trailer=trailer, final_checkpoint=not trailer
+            )
         except ConnectionPassError as exc:
             if exc.kind is PassFailure.PARTIAL_SEND:
                 self._break_sending("broken by a partial token packet")
@@ -253,7 +265,7 @@ class UnixControlChannel:
             raise ConnectionPassError(
                 PassFailure.BACKEND_UNAVAILABLE, "the control channel was closed"
             ) from exc
-        return PassReceipt(handle_value=0, duplicated_handle=None)
+        return _UNIX_RECEIPT, rode
 
     async def _send_all(self, data: bytes) -> None:
         """Write all of ``data``; the caller holds the send lock.

@@ -103,25 +103,39 @@ def connection_fd(connection: trio.abc.Stream) -> int:
 
 
 async def send_fd_with_token(
-    sock: SendmsgSocket, fd: int, token: bytes, *, final_checkpoint: bool = True
-) -> None:
+    sock: SendmsgSocket,
+    fd: int,
+    token: bytes,
+    *,
+    trailer: bytes = b"",
+    final_checkpoint: bool = True,
+) -> int:
     """Send ``token`` as data with ``fd`` in ``SCM_RIGHTS``, in one ``sendmsg``.
 
+    ``trailer`` (the offer frame that belongs to the descriptor) may ride in the
+    same ``sendmsg``, right behind the token: the receiver still finds the
+    descriptor at a message boundary and reads the frame after the 16 token
+    bytes, but is woken once instead of twice. Returns how many trailer bytes
+    went out with it; the caller sends the rest (a stream socket may take a
+    short write).
+
     Waits while the socket buffer is full. Raises ``ValueError`` for a token that
-    is not 16 bytes (nothing sent) and ``ConnectionPassError`` otherwise: a short
-    send is ``PARTIAL_SEND`` with ``fd_may_have_reached_backend=True`` (the
-    descriptor travels with the first byte); errno failures are classified by
-    ``classify_pass_errno`` and nothing reached the receiver.
+    is not 16 bytes (nothing sent) and ``ConnectionPassError`` otherwise: a send
+    shorter than the token is ``PARTIAL_SEND`` with
+    ``fd_may_have_reached_backend=True`` (the descriptor travels with the first
+    byte); errno failures are classified by ``classify_pass_errno`` and nothing
+    reached the receiver.
 
     Cancellation: safe while waiting for buffer space (nothing has been sent);
     once the ``sendmsg`` succeeded the call completes.
     """
     check_token(token)
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+    buffers = [token, trailer] if trailer else [token]
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
         try:
-            sent = sock.sendmsg([token], ancillary, SEND_FLAGS)
+            sent = sock.sendmsg(buffers, ancillary, SEND_FLAGS)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock.fileno())
             continue
@@ -133,7 +147,7 @@ async def send_fd_with_token(
                 os_error=exc.errno,
             ) from exc
         break
-    if sent != HANDOFF_TOKEN_BYTES:
+    if sent < HANDOFF_TOKEN_BYTES:
         raise ConnectionPassError(
             PassFailure.PARTIAL_SEND if sent > 0 else PassFailure.FAILED,
             f"sendmsg(SCM_RIGHTS) sent {sent} of {HANDOFF_TOKEN_BYTES} token bytes",
@@ -141,6 +155,7 @@ async def send_fd_with_token(
         )
     if final_checkpoint:
         await trio.lowlevel.cancel_shielded_checkpoint()
+    return sent - HANDOFF_TOKEN_BYTES
 
 
 async def write_all_to_fd(fd: int, data: bytes) -> None:
@@ -155,7 +170,9 @@ async def write_all_to_fd(fd: int, data: bytes) -> None:
     """
     view = memoryview(data)
     sent = 0
-    sock = socket.socket(fileno=fd)
+    # Family and type given: a bare socket(fileno=) would ask the kernel for them
+    # (three syscalls) on this hot path. Only AF_UNIX stream connections are passed.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
     try:
         while sent < len(view):
             try:

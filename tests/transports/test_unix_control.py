@@ -186,6 +186,51 @@ async def test_pass_connection_then_send_delivers_fd_token_and_frame(
     far.close()
 
 
+async def test_pass_connection_then_send_puts_token_and_offer_in_one_sendmsg(
+    pair: tuple[UnixControlChannel, UnixControlChannel],
+) -> None:
+    # The receiver is woken once: after the pass, the whole token packet and the
+    # whole offer frame are already readable together, with the descriptor.
+    left, right = pair
+    near, far = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(near))
+    offer = frame(b"offer in the same packet")
+    with trio.fail_after(HANG_GUARD_S):
+        await left.pass_connection_then_send(stream, TOKEN, offer)
+        await stream.aclose()
+        raw = socket.socket(fileno=os.dup(right.fileno()))
+        try:
+            data, ancdata, _flags, _addr = raw.recvmsg(1024, socket.CMSG_SPACE(4), socket.MSG_PEEK)
+        finally:
+            raw.close()
+        assert data == TOKEN + offer
+        assert ancdata and ancdata[0][1] == socket.SCM_RIGHTS
+        for peeked in array.array("i", ancdata[0][2]):
+            os.close(peeked)  # a peek installs its own copy of the descriptor
+        got = await right.receive_message(MAX_BODY)
+        assert got.framed == offer and got.passed is not None
+        await got.passed.stream.aclose()
+    far.close()
+
+
+async def test_a_malformed_built_offer_passes_nothing(
+    pair: tuple[UnixControlChannel, UnixControlChannel],
+) -> None:
+    left, right = pair
+    near, far = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(near))
+    with trio.fail_after(HANG_GUARD_S):
+        with pytest.raises(ConnectionPassError) as caught:
+            await left.pass_connection_then_send(stream, TOKEN, lambda _receipt: b"junk")
+        assert caught.value.kind is PassFailure.FAILED
+        assert not caught.value.fd_may_have_reached_backend
+        await left.send_message(frame(b"next"))
+        got = await right.receive_message(MAX_BODY)
+        assert got.framed == frame(b"next") and got.passed is None
+        await stream.aclose()
+    far.close()
+
+
 async def test_pass_connection_then_send_builds_the_frame_from_the_receipt(
     pair: tuple[UnixControlChannel, UnixControlChannel],
 ) -> None:
