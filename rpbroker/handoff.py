@@ -46,6 +46,7 @@ from rpbroker import control
 from rpbroker.config import BrokerConfig
 from rpbroker.events import EventKind, EventLog
 from rpbroker.metrics import BrokerMetrics
+from rpbroker.policy._units import ms_ceil
 from rpbroker.policy.ack import AckCompleted, AckRegistry, BackendRef
 from rpbroker.policy.fallback import (
     Attempt,
@@ -260,9 +261,7 @@ class HandoffCoordinator:
                 pid=backend.pid,
                 reason=detail or plan.reason.value,
                 fallback=plan.reason.value,
-                retry_after_ms=None
-                if plan.retry_after_s is None
-                else max(1, round(plan.retry_after_s * 1000)),
+                retry_after_ms=None if plan.retry_after_s is None else ms_ceil(plan.retry_after_s),
             )
         return plan
 

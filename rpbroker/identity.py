@@ -78,7 +78,7 @@ def local_process_facts() -> ProcessFacts:
     The first call reads and hashes the executable synchronously (a few
     milliseconds even for a statically linked interpreter): it runs once per
     process, and never waiting on a thread keeps it exact under
-    ``trio.testing.MockClock``. Must be called inside ``trio.run``.
+    trio's ``MockClock``. Must be called inside ``trio.run``.
     """
     try:
         return _LOCAL_FACTS.get()

@@ -8,7 +8,7 @@ dies with the broker (``transports.spawn_child``).
 
 What it does not do: wait for readiness, restart anything, or decide anything;
 the supervisor does. ``rpbroker.testing`` provides an in-process launcher with the
-same protocol, so the whole broker can run under ``trio.testing.MockClock``.
+same protocol, so the whole broker can run under trio's ``MockClock``.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ file's ``lstat`` signature changed, so a steady Hello costs two ``lstat`` calls 
 directory's and the file's; three when a ``.servicedef`` is used). A worker thread
 would not protect against a hung network file system anyway: the per-Hello
 ``lstat`` that makes edits apply at once would hang just the same; and under
-``trio.testing.MockClock`` a thread lets the clock jump while it runs.
+trio's ``MockClock`` a thread lets the clock jump while it runs.
 
 Git records neither directory modes nor the 0600 a definition needs: a checked-out
 ``examples/services`` is refused until it is ``chmod 700``-ed and its files ``chmod
