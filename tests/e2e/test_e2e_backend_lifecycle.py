@@ -67,7 +67,8 @@ async def test_clients_racing_a_killed_backend_all_get_a_working_route(
                 # but the broker has not seen it yet. That is the race under test; a
                 # client that reached the backend before it died would just see a
                 # backend crash mid-connection, which is not what is tested here.
-                os.waitid(os.P_PID, victim.pid, os.WEXITED | os.WNOWAIT)
+                # Blocking on purpose: the broker must not run meanwhile.
+                os.waitid(os.P_PID, victim.pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
                 async with trio.open_nursery() as nursery:
                     for number in range(CLIENTS_PER_ROUND):
                         payload = b"round %d client %d" % (round_number, number)
