@@ -338,8 +338,8 @@ class BackendLifecycle:
     __slots__ = (
         "_deadline",
         "_early",
-        "_last_check",
         "_killed",
+        "_last_check",
         "_pending_stop",
         "_phase",
         "_ready_timeout_s",

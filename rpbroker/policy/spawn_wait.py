@@ -53,5 +53,5 @@ class ReadinessBackoff:
         return self.steps[index]
 
     def next_check_at(self, failed_checks: int, now: float, deadline: float) -> float:
-        """When to check again (monotonic s): the back-off step from ``now``, capped at ``deadline``."""
+        """When to check again: the back-off step from ``now``, never past ``deadline``."""
         return min(now + self.step_after(failed_checks), max(now, deadline))

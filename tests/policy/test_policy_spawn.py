@@ -1,4 +1,4 @@
-"""Spawn budget, the per-service spawn cap, and the readiness back-off of foreign backends (facts §6)."""
+"""Spawn budget, the per-service spawn cap, the readiness back-off of foreign backends (§6)."""
 
 from __future__ import annotations
 
