@@ -63,7 +63,7 @@ def workspace() -> Iterator[Workspace]:
 def add_reference_service(workspace: Workspace, xdg: Path) -> str:
     """Write the foreign definition; return the endpoint the reference will bind."""
     state = xdg / "state"
-    endpoint = ServiceSpec(
+    endpoint: str = ServiceSpec(
         name=NAME, version="1.0.0", payload_protocol=LANE, runtime_dir=state
     ).endpoint
     path = workspace.services / f"{NAME}.toml"
