@@ -229,6 +229,7 @@ class HandoffCoordinator:
             client_opted_in=client_opted_in,
             service_allows=self._config.handoff_enabled and backend.spec.handoff,
             fd_pressure=fd_pressure,
+            backend_has_control_channel=backend.has_control_channel,
         )
         decision = self._fallback.should_attempt(backend.key, inputs, now)
         if not isinstance(decision, Attempt):

@@ -13,6 +13,7 @@ same protocol, so the whole broker can run under trio's ``MockClock``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ import attrs
 
 import transports
 from rpbroker.services import ServiceSpec
+
+logger = logging.getLogger("rpbroker.launcher")
 
 ENV_ENDPOINT = "RPBROKER_BACKEND_ENDPOINT"
 ENV_SERVICE_NAME = "RPBROKER_SERVICE_NAME"
@@ -57,10 +60,13 @@ class LaunchRequest:
 
 @attrs.frozen
 class LaunchedBackend:
-    """A started backend: its process (or stand-in) and the broker's end of its channel."""
+    """A started backend: its process (or stand-in) and the broker's end of its channel.
+
+    ``channel`` is ``None`` for a foreign backend: it has no control channel.
+    """
 
     process: transports.ChildProcess
-    channel: transports.ControlChannel
+    channel: transports.ControlChannel | None
 
 
 class BackendLauncher(Protocol):
@@ -73,9 +79,18 @@ class BackendLauncher(Protocol):
 
 
 class ProcessLauncher:
-    """Starts backends as real child processes with an inherited control channel."""
+    """Starts backends as real child processes with an inherited control channel.
+
+    A foreign backend (``spec.foreign``) gets its endpoint cleared first (a dead
+    socket of this user left there is removed; anything else refuses the launch,
+    see ``transports.clear_stale_endpoint``) and no control channel: the pair the
+    spawn needs is closed on the broker's side at once, so the child's inherited
+    end only ever reads EOF.
+    """
 
     async def launch(self, request: LaunchRequest) -> LaunchedBackend:
+        if request.spec.foreign is not None:
+            _clear_foreign_endpoint(request.endpoint)
         try:
             channel, child = transports.open_control_pair()
         except OSError as exc:
@@ -87,8 +102,23 @@ class ProcessLauncher:
         env.update(request.environment())
         env.setdefault("RPBROKER_PYTHON", sys.executable)
         try:
-            process = await transports.spawn_child(request.spec.command, env, child)
+            process = await transports.spawn_child(request.spec.argv(request.endpoint), env, child)
         except BaseException:
             await channel.aclose()
             raise
+        if request.spec.foreign is not None:
+            await channel.aclose()
+            return LaunchedBackend(process=process, channel=None)
         return LaunchedBackend(process=process, channel=channel)
+
+
+def _clear_foreign_endpoint(endpoint: str) -> None:
+    """Free a foreign backend's endpoint before its launch, or raise ``SpawnError`` saying why."""
+    try:
+        removed = transports.clear_stale_endpoint(endpoint)
+    except transports.TransportError as exc:
+        raise transports.SpawnError(
+            f"the foreign backend's endpoint cannot be used: {exc}"
+        ) from exc
+    if removed:
+        logger.info("removed the stale socket %s of a foreign backend that is gone", endpoint)

@@ -18,7 +18,10 @@ In order:
 5. every definition in it is loaded as a Hello would load it: a file that fails
    the file rule refuses the start (``InsecureServiceFiles``, naming every such
    file); an invalid definition is logged at WARNING with its file, field and fix,
-   and the broker serves the others.
+   and the broker serves the others;
+6. every foreign backend's endpoint template, filled in as a spawn would fill it,
+   must fit the platform's limit: else ``ForeignEndpointTooLong`` naming the file
+   and the field.
 
 The checks are synchronous, for the same reason as the per-Hello load (see
 ``rpbroker.services``): every step is bounded (``lstat``, ``mkdir``, one
@@ -34,6 +37,7 @@ every load, and refuses the Hello if they fail later).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import attrs
@@ -42,8 +46,9 @@ import transports
 from rpbroker.config import BrokerConfig
 from rpbroker.errors import BrokerError
 from rpbroker.servicecheck import DefinitionProblem, ServicesReport, check_services_directory
+from rpbroker.services import ENDPOINT_TOKEN_HEX_DIGITS, ServiceLoadError, load_service
 
-__all__ = ["InsecureServiceFiles", "StartupReport", "check_broker_start"]
+__all__ = ["ForeignEndpointTooLong", "InsecureServiceFiles", "StartupReport", "check_broker_start"]
 
 logger = logging.getLogger("rpbroker.preflight")
 
@@ -73,11 +78,48 @@ class StartupReport:
     services: ServicesReport
 
 
+class ForeignEndpointTooLong(BrokerError):
+    """A foreign backend's endpoint, filled in, does not fit the platform's limit."""
+
+    def __init__(self, source: Path, endpoint: str, problem: str) -> None:
+        super().__init__(
+            f"refusing to start: {source}: field 'foreign.endpoint': filled in as "
+            f"{endpoint!r}, it cannot be used: {problem}. Shorten the template "
+            "(or the runtime directory it starts with)"
+        )
+        self.source = source
+        self.endpoint = endpoint
+
+
+def _check_foreign_endpoint(directory: Path, name: str, runtime: os.PathLike[str] | str) -> None:
+    """Fill ``name``'s foreign endpoint template as a spawn would, and check its length.
+
+    The version filled in is the longest the definition names (allow list,
+    minimum version), else ``0.0.0``; a longer version asked for in a Hello is
+    checked again at its spawn (which then fails with the same message).
+    """
+    try:
+        spec = load_service(directory, name)
+    except ServiceLoadError:
+        return  # changed since it was checked: the Hello's load reports it
+    if spec.foreign is None:
+        return
+    versions = [*spec.version_allow_list, spec.min_version or "0.0.0"]
+    endpoint = spec.foreign.endpoint_for(
+        os.fspath(runtime), name, max(versions, key=len), "0" * ENDPOINT_TOKEN_HEX_DIGITS
+    )
+    try:
+        transports.check_endpoint_name(endpoint)
+    except transports.EndpointNameError as exc:
+        raise ForeignEndpointTooLong(spec.source, endpoint, str(exc)) from None
+
+
 def check_broker_start(config: BrokerConfig) -> StartupReport:
     """Check (and prepare) the runtime and services directories; see the module docstring.
 
     Raises ``transports.InsecurePathError``, ``transports.RuntimeDirTooLongError``,
-    ``rpbroker.services.ServiceDirectoryError`` or ``InsecureServiceFiles``.
+    ``rpbroker.services.ServiceDirectoryError``, ``InsecureServiceFiles`` or
+    ``ForeignEndpointTooLong``.
     """
     runtime = config.runtime_dir or transports.runtime_dir(create=False)
     transports.check_backend_endpoint_room(runtime)
@@ -88,6 +130,8 @@ def check_broker_start(config: BrokerConfig) -> StartupReport:
     services = check_services_directory(config.services_dir)
     if services.insecure:
         raise InsecureServiceFiles(services.directory, services.insecure)
+    for name in services.services:
+        _check_foreign_endpoint(services.directory, name, runtime)
     for problem in services.invalid:
         logger.warning("service definition cannot be used, its Hellos are refused: %s", problem)
     return StartupReport(runtime_dir=Path(runtime), removed_endpoints=removed, services=services)

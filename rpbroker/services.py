@@ -21,6 +21,23 @@ live as one file per service in a *services directory*:
         idle_timeout_secs = 300                     # default 30, must be > 0
         env = { RUST_LOG = "info" }                 # extra environment, strings only
 
+    A *foreign* backend (one that is not an rpbroker SDK process, e.g. a reference
+    ``running_process_service.ServiceServer``) adds a ``[foreign]`` table::
+
+        [foreign]
+        endpoint = "{runtime_dir}/{service}-{token}.sock"   # required: path or template
+        ready = "probe"                                     # "probe" (default) | "connect"
+        ready_timeout_secs = 10                             # default: the broker's
+
+    ``endpoint`` is where the backend listens: a fixed absolute path, or a template
+    the broker fills for each incarnation from ``{runtime_dir}`` (the broker's runtime
+    directory), ``{service}``, ``{version}`` and ``{token}`` (32 random hex digits).
+    The backend learns it from ``{endpoint}`` in ``command`` (only allowed with
+    ``[foreign]``) and from ``RPBROKER_BACKEND_ENDPOINT`` /
+    ``RUNNING_PROCESS_BROKER_V1_BACKEND_PIPE``. A foreign backend has no control
+    channel, so ``handoff`` must not be true (its connections always take the
+    reconnect route). See :class:`ForeignBackend`.
+
     Unknown keys are an error. ``command[0]`` is an absolute path or a bare
     executable name that is resolved on ``PATH`` when the file is loaded; a relative
     path such as ``bin/echo`` is refused because its meaning would depend on the
@@ -105,6 +122,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
 import cattrs
+import cattrs.gen
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 import transports
@@ -117,7 +135,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_SECS",
+    "ENDPOINT_TOKEN_HEX_DIGITS",
     "MAX_DEFINITION_BYTES",
+    "ForeignBackend",
+    "ForeignReady",
     "InsecureServiceDirectory",
     "InsecureServiceFile",
     "InvalidServiceName",
@@ -186,13 +207,57 @@ def _as_tuple(value: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
+#: Length of the ``{token}`` of a foreign endpoint template, hex digits (128 random
+#: bits, as in the broker's own backend endpoint names: unguessable and unique).
+ENDPOINT_TOKEN_HEX_DIGITS: Final[int] = 32
+
+#: Placeholders of a ``[foreign]`` endpoint template, in the order messages list them.
+_ENDPOINT_PLACEHOLDERS: Final[tuple[str, ...]] = ("runtime_dir", "service", "version", "token")
+
+
+class ForeignReady(enum.Enum):
+    """How the broker learns that a foreign backend is ready."""
+
+    #: A v1 endpoint probe (0xB232) is answered with an identity that verifies.
+    PROBE = "probe"
+    #: The endpoint accepts a connection (for backends that do not answer the probe).
+    CONNECT = "connect"
+
+
+@attrs.frozen(kw_only=True)
+class ForeignBackend:
+    """The ``[foreign]`` table: a backend that is not an rpbroker SDK process.
+
+    ``endpoint`` is the template as written (validated: known placeholders only,
+    absolute once filled); :meth:`endpoint_for` fills it. ``ready_timeout_secs``
+    ``None`` means the broker's ``spawn_ready_timeout_s``.
+    """
+
+    endpoint: str
+    ready: ForeignReady = ForeignReady.PROBE
+    ready_timeout_secs: float | None = None
+
+    @property
+    def per_incarnation(self) -> bool:
+        """Whether every incarnation gets its own path (the template uses ``{token}``)."""
+        return "token" in _placeholders_of(self.endpoint)
+
+    def endpoint_for(self, runtime_dir: str, service: str, version: str, token: str) -> str:
+        """The endpoint of one incarnation: the template filled with these values."""
+        values = {"runtime_dir": runtime_dir, "service": service, "version": version}
+        return _expand_placeholders(self.endpoint, {**values, "token": token})
+
+
 @attrs.frozen(kw_only=True)
 class ServiceSpec:
     """A validated service definition, as loaded from ``source``.
 
     ``command`` is the backend argv with placeholders substituted and a bare
-    ``command[0]`` already resolved to an absolute path. ``env`` is read-only and is
-    left out of the hash (equality still compares it).
+    ``command[0]`` already resolved to an absolute path; use :meth:`argv` to get
+    the argv of one incarnation. For a foreign service (``foreign`` set) the
+    elements of ``command`` are still templates of the one placeholder
+    ``{endpoint}`` (literal braces doubled), which :meth:`argv` fills. ``env`` is
+    read-only and is left out of the hash (equality still compares it).
     """
 
     service_name: str
@@ -204,7 +269,14 @@ class ServiceSpec:
     explicit_instance: str | None = None
     idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT_SECS
     env: Mapping[str, str] = attrs.field(factory=_empty_env, converter=_freeze_env, hash=False)
+    foreign: ForeignBackend | None = None
     source: Path
+
+    def argv(self, endpoint: str) -> tuple[str, ...]:
+        """The argv of an incarnation listening on ``endpoint`` (``{endpoint}`` filled)."""
+        if self.foreign is None:
+            return self.command
+        return tuple(_expand_placeholders(arg, {"endpoint": endpoint}) for arg in self.command)
 
     @property
     def instance_id(self) -> str:
@@ -417,21 +489,33 @@ def ensure_services_directory(path: os.PathLike[str] | str) -> Path:
 
 
 @attrs.define
+class _TomlForeign:
+    """The exact shape of the ``[foreign]`` table."""
+
+    endpoint: str
+    ready: ForeignReady = ForeignReady.PROBE
+    ready_timeout_secs: float | None = None
+
+
+@attrs.define
 class _TomlServiceFile:
     """The exact shape of a ``<name>.toml`` file (before semantic validation)."""
 
     service_name: str
     command: list[str]
-    handoff: bool = True
+    #: ``None``: not written (true, or false for a foreign backend).
+    handoff: bool | None = None
     min_version: str | None = None
     version_allow_list: list[str] = attrs.Factory(list)
     isolation: Isolation = Isolation.PRIVATE
     explicit_instance: str | None = None
     idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT_SECS
     env: dict[str, str] = attrs.Factory(dict)
+    foreign: _TomlForeign | None = None
 
 
 _TOML_KEYS: Final[tuple[str, ...]] = tuple(a.name for a in attrs.fields(_TomlServiceFile))
+_FOREIGN_KEYS: Final[tuple[str, ...]] = tuple(a.name for a in attrs.fields(_TomlForeign))
 
 
 class _FieldProblem(Exception):
@@ -503,6 +587,24 @@ def _structure_isolation(value: object, _: object) -> Isolation:
         raise _FieldProblem(f"expected one of {choices} (got {value!r})") from None
 
 
+def _structure_ready(value: object, _: object) -> ForeignReady:
+    choices = ", ".join(f"'{r.value}'" for r in ForeignReady)
+    if not isinstance(value, str):
+        raise _FieldProblem(f"expected one of {choices} (got {_toml_type(value)})")
+    try:
+        return ForeignReady(value)
+    except ValueError:
+        raise _FieldProblem(f"expected one of {choices} (got {value!r})") from None
+
+
+def _structure_foreign(value: object, _: object) -> _TomlForeign:
+    if not isinstance(value, dict):
+        raise _FieldProblem(
+            f"expected a table (got {_toml_type(value)}): write it as a [foreign] section"
+        )
+    return _structure_foreign_table(value, _TomlForeign)
+
+
 def _is_type(expected: object) -> Callable[[Any], bool]:
     return lambda t: bool(t == expected)
 
@@ -516,34 +618,59 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(Isolation, _structure_isolation)
     converter.register_structure_hook_func(_is_type(list[str]), _structure_str_list)
     converter.register_structure_hook_func(_is_type(dict[str, str]), _structure_str_table)
+    converter.register_structure_hook(ForeignReady, _structure_ready)
     return converter
 
 
 _CONVERTER: Final = _make_converter()
+#: Structures the ``[foreign]`` table (unknown keys refused, like the file's own).
+_structure_foreign_table: Final = cattrs.gen.make_dict_structure_fn(_TomlForeign, _CONVERTER)
+_CONVERTER.register_structure_hook(_TomlForeign, _structure_foreign)
 
 
-def _describe_structure_errors(path: Path, error: ClassValidationError) -> ServiceDefinitionError:
-    """Fold cattrs' exception group into one error naming the file and the field(s)."""
+def _structure_problems(
+    error: ClassValidationError, keys: tuple[str, ...], prefix: str
+) -> list[tuple[str, str]]:
+    """(field, message) for every problem in cattrs' exception group, fields in ``keys`` order.
+
+    A nested table's problems (``[foreign]``) are named ``<table>.<key>``.
+    """
     problems: list[tuple[str, str]] = []
+    nested: list[tuple[str, str]] = []
     with_notes, without_notes = error.group_exceptions()
     for exc, note in with_notes:
+        if isinstance(exc, ClassValidationError) and note.name == "foreign":
+            nested.extend(_structure_problems(exc, _FOREIGN_KEYS, f"{prefix}foreign."))
+            continue
         if isinstance(exc, KeyError):
             message = "required key is missing"
         elif isinstance(exc, _FieldProblem):
             message = str(exc)
         else:  # pragma: no cover - the strict hooks above raise _FieldProblem
             message = f"invalid value ({exc})"
-        problems.append((note.name, message))
-    problems.sort(key=lambda p: _TOML_KEYS.index(p[0]) if p[0] in _TOML_KEYS else len(_TOML_KEYS))
-    allowed = ", ".join(_TOML_KEYS)
+        problems.append((f"{prefix}{note.name}", message))
+    problems.extend(nested)
+
+    def order(problem: tuple[str, str]) -> int:
+        name = problem[0].removeprefix(prefix).split(".")[0]
+        return keys.index(name) if name in keys else len(keys)
+
+    problems.sort(key=order)
+    allowed = ", ".join(keys)
     for exc in without_notes:
         if isinstance(exc, ForbiddenExtraKeysError):
             for key in sorted(exc.extra_fields):
-                close = difflib.get_close_matches(key, _TOML_KEYS, n=1)
+                close = difflib.get_close_matches(key, keys, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                problems.append((key, f"unknown key ({hint}allowed keys: {allowed})"))
+                problems.append((f"{prefix}{key}", f"unknown key ({hint}allowed keys: {allowed})"))
         else:  # pragma: no cover - defensive
             problems.append(("?", str(exc)))
+    return problems
+
+
+def _describe_structure_errors(path: Path, error: ClassValidationError) -> ServiceDefinitionError:
+    """Fold cattrs' exception group into one error naming the file and the field(s)."""
+    problems = _structure_problems(error, _TOML_KEYS, "")
     field, message = problems[0]
     if len(problems) > 1:
         others = "; ".join(f"field '{f}': {m}" for f, m in problems[1:])
@@ -558,29 +685,79 @@ def _describe_structure_errors(path: Path, error: ClassValidationError) -> Servi
 _PLACEHOLDER_RE: Final = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 
-def _expand_placeholders(arg: str, values: Mapping[str, str]) -> str:
-    """Substitute ``{name}`` from ``values``; ``{{``/``}}`` are literal braces."""
+def _expand_placeholders(
+    arg: str, values: Mapping[str, str], keep: frozenset[str] = frozenset()
+) -> str:
+    """Substitute ``{name}`` from ``values``; ``{{``/``}}`` are literal braces.
+
+    Placeholders named in ``keep`` are left in place, and then literal braces stay
+    doubled: the result is still a template of the kept names.
+    """
 
     def replace(match: re.Match[str]) -> str:
         token = match.group(0)
-        if token == "{{":
-            return "{"
-        if token == "}}":
-            return "}"
+        if token in ("{{", "}}"):
+            return token if keep else token[0]
         name = match.group(1)
         if name is None:
             raise _FieldProblem(
                 f"unmatched '{token}' in {arg!r} (write '{{{{' or '}}}}' for a literal brace)"
             )
+        if name in keep:
+            return token
         if name not in values:
-            known = ", ".join(f"{{{k}}}" for k in values)
+            known = ", ".join(f"{{{k}}}" for k in (*values, *sorted(keep)))
+            hint = (
+                "; {endpoint} is only known for a foreign backend: add a [foreign] table"
+                if name == "endpoint"
+                else ""
+            )
             raise _FieldProblem(
                 f"unknown placeholder '{{{name}}}' in {arg!r} (known: {known}; "
-                "write '{{' or '}}' for a literal brace)"
+                f"write '{{{{' or '}}}}' for a literal brace){hint}"
             )
         return values[name]
 
     return _PLACEHOLDER_RE.sub(replace, arg)
+
+
+def _placeholders_of(template: str) -> set[str]:
+    """The placeholder names a (valid) template uses."""
+    return {m.group(1) for m in _PLACEHOLDER_RE.finditer(template) if m.group(1) is not None}
+
+
+def _check_foreign(
+    raw: _TomlForeign, fail: Callable[[str, str], ServiceDefinitionError]
+) -> ForeignBackend:
+    """Validate the ``[foreign]`` table; ``fail`` builds the error naming the key."""
+    template = raw.endpoint
+    if not template:
+        raise fail(
+            "foreign.endpoint",
+            "must not be empty: give an absolute socket path or a template "
+            'such as "{runtime_dir}/{service}-{token}.sock"',
+        )
+    if "\0" in template:
+        raise fail("foreign.endpoint", "must not contain a NUL character")
+    sample = {name: name for name in _ENDPOINT_PLACEHOLDERS}
+    sample["runtime_dir"] = os.path.abspath(os.sep + "runtime")
+    try:
+        filled = _expand_placeholders(template, sample)
+    except _FieldProblem as exc:
+        raise fail("foreign.endpoint", str(exc)) from None
+    if not os.path.isabs(filled):
+        raise fail(
+            "foreign.endpoint",
+            f"{_short_repr(template)} is not an absolute path: start it with '/' "
+            "(a fixed path) or with {runtime_dir}",
+        )
+    timeout = raw.ready_timeout_secs
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise fail(
+            "foreign.ready_timeout_secs",
+            f"must be a finite number of seconds greater than 0 (got {timeout!r})",
+        )
+    return ForeignBackend(endpoint=template, ready=raw.ready, ready_timeout_secs=timeout)
 
 
 def _resolve_command(command: tuple[str, ...]) -> tuple[str, ...]:
@@ -632,6 +809,7 @@ class _Candidate:
     explicit_instance: str | None
     idle_timeout_secs: float
     env: Mapping[str, str]
+    foreign: ForeignBackend | None = None
 
 
 def _validate(source: Path, requested: str, c: _Candidate) -> ServiceSpec:
@@ -698,6 +876,7 @@ def _validate(source: Path, requested: str, c: _Candidate) -> ServiceSpec:
         explicit_instance=explicit_instance,
         idle_timeout_secs=c.idle_timeout_secs,
         env=c.env,
+        foreign=c.foreign,
         source=source,
     )
 
@@ -727,23 +906,44 @@ def _load_toml(path: Path, data: bytes, requested: str, directory: Path) -> Serv
     except ClassValidationError as exc:
         raise _describe_structure_errors(path, exc) from None
     placeholders = {"python": sys.executable, "services_dir": str(directory)}
+    # A foreign backend's argv keeps {endpoint}: it is filled per incarnation.
+    keep = frozenset({"endpoint"}) if raw.foreign is not None else frozenset()
     try:
-        command = tuple(_expand_placeholders(arg, placeholders) for arg in raw.command)
+        command = tuple(_expand_placeholders(arg, placeholders, keep) for arg in raw.command)
     except _FieldProblem as exc:
         raise ServiceDefinitionError(path, "command", str(exc)) from None
+    if command and "{endpoint}" in command[0]:
+        raise ServiceDefinitionError(
+            path,
+            "command",
+            "command[0] must name the program, not contain {endpoint}: "
+            "pass the endpoint as an argument",
+        )
+
+    def fail(field: str, message: str) -> ServiceDefinitionError:
+        return ServiceDefinitionError(path, field, message)
+
+    foreign = None if raw.foreign is None else _check_foreign(raw.foreign, fail)
+    if foreign is not None and raw.handoff:
+        raise fail(
+            "handoff",
+            "a foreign backend has no control channel, so connections cannot be "
+            "handed to it: remove 'handoff' (its clients always reconnect)",
+        )
     return _validate(
         path,
         requested,
         _Candidate(
             service_name=raw.service_name,
             command=command,
-            handoff=raw.handoff,
+            handoff=foreign is None and raw.handoff is not False,
             min_version=raw.min_version,
             version_allow_list=tuple(raw.version_allow_list),
             isolation=raw.isolation,
             explicit_instance=raw.explicit_instance,
             idle_timeout_secs=raw.idle_timeout_secs,
             env=raw.env,
+            foreign=foreign,
         ),
     )
 
@@ -966,6 +1166,8 @@ def _to_servicedef(spec: ServiceSpec) -> ServiceDefinition:
         lost.append("idle_timeout_secs")
     if spec.env:
         lost.append("env")
+    if spec.foreign is not None:
+        lost.append("a [foreign] table")
     if lost:
         raise ValueError(
             f"service '{spec.service_name}' cannot be written as a .servicedef: "

@@ -44,11 +44,17 @@ from transports._unix_control import (
 )
 from transports._unix_fds import fd_usage_ratio, open_fd_count, open_fds, wait_peer_closed
 from transports._unix_files import read_private_file
-from transports._unix_listen import UnixListener, open_listener, remove_stale_backend_endpoints
+from transports._unix_listen import (
+    UnixListener,
+    clear_stale_endpoint,
+    open_listener,
+    remove_stale_backend_endpoints,
+)
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
     broker_endpoint,
     check_backend_endpoint_room,
+    check_sun_path,
     current_user,
     ensure_private_dir,
     mode_is_private,
@@ -76,6 +82,8 @@ __all__ = [
     "broker_endpoint",
     "child_processes",
     "check_backend_endpoint_room",
+    "check_endpoint_name",
+    "clear_stale_endpoint",
     "connect",
     "connect_blocking",
     "current_user",
@@ -100,3 +108,6 @@ __all__ = [
     "verify_private_dir",
     "wait_peer_closed",
 ]
+
+#: Raise ``EndpointNameError`` unless a socket path fits the platform's limit.
+check_endpoint_name = check_sun_path

@@ -251,6 +251,20 @@ def remove_stale_backend_endpoints(directory: os.PathLike[str] | str) -> list[st
     return removed
 
 
+def clear_stale_endpoint(path: str) -> bool:
+    """Make ``path`` free for a backend that binds it itself (a foreign backend).
+
+    Raises ``EndpointNameError`` when ``path`` does not fit ``sun_path``, and
+    ``EndpointInUseError`` when something is there that is not provably a dead
+    socket of this user: a live listener, another user's socket, a regular file
+    or a symbolic link (none is touched). A socket file owned by the euid that
+    refuses connections is removed, as ``remove_stale_backend_endpoints`` does.
+    Returns whether a stale socket was removed.
+    """
+    check_sun_path(path)
+    return _clear_stale_socket(path)
+
+
 def _parent_dir(path: str) -> str:
     """The directory that will contain the socket file ``path``."""
     return os.path.dirname(os.path.abspath(path))

@@ -38,6 +38,7 @@ import trio
 from transports._interface import (
     CONTROL_CHANNEL_ENV,
     ChildControl,
+    EndpointNameError,
     Listener,
     NotifyDelivery,
     PeerIdentity,
@@ -324,6 +325,29 @@ def check_backend_endpoint_room(directory: os.PathLike[str] | str) -> None:
     del directory
 
 
+#: Longest pipe name Windows accepts, characters (``CreateNamedPipe``: 256).
+_PIPE_NAME_MAX_CHARS = 256
+
+
+def check_endpoint_name(path: str) -> None:
+    """Raise ``EndpointNameError`` when a pipe name is longer than Windows allows."""
+    if len(path) > _PIPE_NAME_MAX_CHARS:
+        raise EndpointNameError(
+            f"pipe name {path!r} is {len(path)} characters; the limit is "
+            f"{_PIPE_NAME_MAX_CHARS}: use a shorter endpoint"
+        )
+
+
+def clear_stale_endpoint(path: str) -> bool:
+    """Check a foreign backend's pipe name; nothing is ever stale (pipes leave no file).
+
+    Raises ``EndpointNameError`` when the name is longer than Windows allows.
+    Returns False: there is never anything to remove.
+    """
+    check_endpoint_name(path)
+    return False
+
+
 def remove_stale_backend_endpoints(directory: os.PathLike[str] | str) -> list[str]:
     """Always empty: a named pipe disappears with its last handle, nothing is left behind."""
     del directory
@@ -368,6 +392,8 @@ __all__ = [
     "broker_endpoint",
     "child_processes",
     "check_backend_endpoint_room",
+    "check_endpoint_name",
+    "clear_stale_endpoint",
     "connect",
     "connect_blocking",
     "NoServiceManager",

@@ -2,9 +2,10 @@
 
 What this module does: names the two lifecycle operations the broker fans out
 to its backends (release handles under a path prefix; quiesce, with a reason),
-the four things that can happen to each backend (acknowledged, timed out,
-failed, skipped because it was dead), and the result of one broadcast with
-JSON-ready output. :class:`BroadcastCollector` is what the live fan-out feeds as
+the five things that can happen to each backend (acknowledged, timed out,
+failed, skipped because it was dead, skipped because it has no control
+channel), and the result of one broadcast with JSON-ready output.
+:class:`BroadcastCollector` is what the live fan-out feeds as
 answers arrive.
 
 What it leaves to its caller: sending the operation to each live backend
@@ -118,7 +119,25 @@ class BackendSkippedDead(Generic[B]):
     backend: B
 
 
-BroadcastOutcome = BackendAcked[B] | BackendTimedOut[B] | BackendFailed[B] | BackendSkippedDead[B]
+@attrs.frozen
+class BackendSkippedNoControl(Generic[B]):
+    """The backend is alive but has no control channel (a foreign backend): nothing was sent.
+
+    ``detail`` says what the broker did instead (a quiesce becomes SIGTERM, with
+    SIGKILL at the drain deadline; handles cannot be released on request).
+    """
+
+    backend: B
+    detail: str
+
+
+BroadcastOutcome = (
+    BackendAcked[B]
+    | BackendTimedOut[B]
+    | BackendFailed[B]
+    | BackendSkippedDead[B]
+    | BackendSkippedNoControl[B]
+)
 
 
 def _backend_json(backend: Hashable) -> Any:
@@ -140,6 +159,7 @@ class BroadcastResult(Generic[B]):
     timeouts: tuple[BackendTimedOut[B], ...] = ()
     failures: tuple[BackendFailed[B], ...] = ()
     skipped_dead: tuple[BackendSkippedDead[B], ...] = ()
+    skipped_no_control: tuple[BackendSkippedNoControl[B], ...] = ()
 
     @property
     def sent_count(self) -> int:
@@ -148,8 +168,12 @@ class BroadcastResult(Generic[B]):
 
     @property
     def all_live_backends_acked(self) -> bool:
-        """True when no live backend timed out or failed (vacuously true with none)."""
-        return not self.timeouts and not self.failures
+        """True when no live backend timed out, failed or could not be asked (vacuous with none).
+
+        A live backend without a control channel never acknowledges, so it makes
+        this false: the operation did not reach every live backend.
+        """
+        return not self.timeouts and not self.failures and not self.skipped_no_control
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready summary (only str, int, float, bool, None, lists and dicts)."""
@@ -171,6 +195,10 @@ class BroadcastResult(Generic[B]):
                 for o in self.failures
             ],
             "skipped_dead": [_backend_json(o.backend) for o in self.skipped_dead],
+            "skipped_no_control_channel": [
+                {"backend": _backend_json(o.backend), "detail": o.detail}
+                for o in self.skipped_no_control
+            ],
         }
 
 
@@ -220,6 +248,7 @@ class BroadcastCollector(Generic[B]):
         timeouts: list[BackendTimedOut[B]] = []
         failures: list[BackendFailed[B]] = []
         dead: list[BackendSkippedDead[B]] = []
+        no_control: list[BackendSkippedNoControl[B]] = []
         for backend in self._order:
             outcome = self._outcomes.get(backend)
             if outcome is None:
@@ -230,8 +259,15 @@ class BroadcastCollector(Generic[B]):
                 timeouts.append(outcome)
             elif isinstance(outcome, BackendFailed):
                 failures.append(outcome)
+            elif isinstance(outcome, BackendSkippedNoControl):
+                no_control.append(outcome)
             else:
                 dead.append(outcome)
         return BroadcastResult(
-            self._operation, tuple(acks), tuple(timeouts), tuple(failures), tuple(dead)
+            self._operation,
+            tuple(acks),
+            tuple(timeouts),
+            tuple(failures),
+            tuple(dead),
+            tuple(no_control),
         )

@@ -51,6 +51,9 @@ class FallbackReason(enum.Enum):
     BACKEND_ACK_TIMEOUT = "backend_ack_timeout"
     #: The broker could not issue a token (store full): a silent downgrade.
     TOKEN_UNAVAILABLE = "token_unavailable"
+    #: The backend has no control channel to pass a connection on (a foreign backend,
+    #: not an rpbroker SDK process). Not a reference reason: the reference has none.
+    NO_CONTROL_CHANNEL = "backend_no_control_channel"
 
 
 class AttemptResult(enum.Enum):
@@ -77,6 +80,8 @@ class HandoffInputs:
     fd_pressure: bool
     #: The backend was adopted from an earlier broker rather than spawned by this one.
     backend_adopted: bool = False
+    #: The backend has a control channel (false for a foreign backend).
+    backend_has_control_channel: bool = True
 
 
 @attrs.frozen
@@ -151,12 +156,15 @@ class FallbackState(Generic[K]):
     def should_attempt(self, key: K, inputs: HandoffInputs, now: float) -> HandoffDecision:
         """Decide for one request, checking in this order.
 
-        client not opted in, service disabled, fd pressure, adopted backend,
+        client not opted in, backend without a control channel, service disabled,
+        fd pressure, adopted backend,
         failed attempts (plus attempts in flight, once failing) at the limit
         (``retry_after_s`` = rest of the window); otherwise :class:`Attempt`.
         """
         if not inputs.client_opted_in:
             return Fallback(FallbackReason.CLIENT_UNSUPPORTED)
+        if not inputs.backend_has_control_channel:
+            return Fallback(FallbackReason.NO_CONTROL_CHANNEL)
         if not inputs.service_allows:
             return Fallback(FallbackReason.SERVICE_POLICY_DISABLED)
         if inputs.fd_pressure:

@@ -113,6 +113,17 @@ class ReadyReported:
 
 
 @attrs.frozen
+class ReadinessCheckFailed:
+    """A readiness check of a backend without a control channel (a foreign backend) failed.
+
+    Not a failure of the spawn: the shell checks again until the ready ceiling. The
+    lifecycle remembers the latest ``detail`` so the ready timeout says what was seen.
+    """
+
+    detail: str
+
+
+@attrs.frozen
 class LinkClosed:
     """The broker's control link to the backend closed (EOF, reset, protocol error)."""
 
@@ -155,6 +166,7 @@ Input = (
     Launched
     | LaunchFailed
     | ReadyReported
+    | ReadinessCheckFailed
     | LinkClosed
     | ProcessExited
     | QuiesceSent
@@ -255,6 +267,7 @@ TRANSITIONS: Final[dict[tuple[Phase, type[Input]], str]] = {
     (Phase.LAUNCHING, Launched): "STARTING (ready timer) | STOPPING+Kill if a stop came first",
     (Phase.LAUNCHING, LaunchFailed): "EXITED: settle failed, NeverReady(launch-error)",
     (Phase.LAUNCHING, ReadyReported): "-",
+    (Phase.LAUNCHING, ReadinessCheckFailed): "-",
     (Phase.LAUNCHING, LinkClosed): "- (remembered: replayed as soon as it is launched)",
     (Phase.LAUNCHING, ProcessExited): "- (remembered: replayed as soon as it is launched)",
     (Phase.LAUNCHING, QuiesceSent): "-",
@@ -264,6 +277,7 @@ TRANSITIONS: Final[dict[tuple[Phase, type[Input]], str]] = {
     (Phase.STARTING, Launched): "-",
     (Phase.STARTING, LaunchFailed): "-",
     (Phase.STARTING, ReadyReported): "RUNNING: settle ready",
+    (Phase.STARTING, ReadinessCheckFailed): "- (remembered: the ready timeout's detail names it)",
     (Phase.STARTING, LinkClosed): "STOPPING (kill timer): settles failed at the exit",
     (Phase.STARTING, ProcessExited): "EXITED: settle failed, NeverReady(exited-before-ready)",
     (Phase.STARTING, QuiesceSent): "-",
@@ -273,6 +287,7 @@ TRANSITIONS: Final[dict[tuple[Phase, type[Input]], str]] = {
     (Phase.RUNNING, Launched): "-",
     (Phase.RUNNING, LaunchFailed): "-",
     (Phase.RUNNING, ReadyReported): "-",
+    (Phase.RUNNING, ReadinessCheckFailed): "-",
     (Phase.RUNNING, LinkClosed): "STOPPING (kill timer; link lost: its exit is a crash)",
     (Phase.RUNNING, ProcessExited): "EXITED: Crashed",
     (Phase.RUNNING, QuiesceSent): "DRAINING (drain timer)",
@@ -282,6 +297,7 @@ TRANSITIONS: Final[dict[tuple[Phase, type[Input]], str]] = {
     (Phase.DRAINING, Launched): "-",
     (Phase.DRAINING, LaunchFailed): "-",
     (Phase.DRAINING, ReadyReported): "-",
+    (Phase.DRAINING, ReadinessCheckFailed): "-",
     (Phase.DRAINING, LinkClosed): "- (a draining backend closes its link as it exits)",
     (Phase.DRAINING, ProcessExited): "EXITED: Stopped",
     (Phase.DRAINING, QuiesceSent): "- (the earlier drain deadline stays)",
@@ -291,6 +307,7 @@ TRANSITIONS: Final[dict[tuple[Phase, type[Input]], str]] = {
     (Phase.STOPPING, Launched): "-",
     (Phase.STOPPING, LaunchFailed): "-",
     (Phase.STOPPING, ReadyReported): "-",
+    (Phase.STOPPING, ReadinessCheckFailed): "-",
     (Phase.STOPPING, LinkClosed): "-",
     (Phase.STOPPING, ProcessExited): "EXITED: Stopped, Crashed (link lost) or NeverReady",
     (Phase.STOPPING, QuiesceSent): "-",
@@ -300,6 +317,7 @@ TRANSITIONS: Final[dict[tuple[Phase, type[Input]], str]] = {
     (Phase.EXITED, Launched): "-",
     (Phase.EXITED, LaunchFailed): "-",
     (Phase.EXITED, ReadyReported): "-",
+    (Phase.EXITED, ReadinessCheckFailed): "-",
     (Phase.EXITED, LinkClosed): "-",
     (Phase.EXITED, ProcessExited): "-",
     (Phase.EXITED, QuiesceSent): "-",
@@ -321,6 +339,7 @@ class BackendLifecycle:
         "_deadline",
         "_early",
         "_killed",
+        "_last_check",
         "_pending_stop",
         "_phase",
         "_ready_timeout_s",
@@ -340,6 +359,7 @@ class BackendLifecycle:
         self._settle_at_exit = False
         self._killed = False
         self._early: list[Input] = []
+        self._last_check = ""
         #: The process id once launched (0 before).
         self.pid = 0
 
@@ -430,11 +450,15 @@ class BackendLifecycle:
             return self._to_stopping(
                 StopCause.LINK_LOST, now, signal=None, grace_s=LINK_LOSS_GRACE_S
             )
+        if isinstance(event, ReadinessCheckFailed):
+            self._last_check = event.detail
+            return ()
         failure: tuple[SpawnFailure, str, StopCause] | None = None
         if isinstance(event, TimerFired):
+            seen = f" (last readiness check: {self._last_check})" if self._last_check else ""
             failure = (
                 SpawnFailure.READY_TIMEOUT,
-                f"not ready within {self._ready_timeout_s:g} s",
+                f"not ready within {self._ready_timeout_s:g} s{seen}",
                 StopCause.READY_TIMEOUT,
             )
         elif isinstance(event, StopRequested | ForceKill):

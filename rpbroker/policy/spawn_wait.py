@@ -1,14 +1,18 @@
-"""Spawn wait: how long to keep polling a freshly spawned backend for readiness.
+"""Spawn wait: when to check a freshly spawned foreign backend for readiness again.
 
-What this module does: a pure decision for one readiness probe. Given the time
-since spawn, whether the process is still alive, whether its endpoint answered
-and the probe number, it says: ready (this wins over everything), the daemon
-exited before becoming ready, the hard ceiling (60 s) was reached, or sleep for
-the next back-off step (50 ms, 100 ms, 200 ms, 500 ms, 1 s, then 2 s) without
-sleeping past the ceiling.
+What this module does: a pure schedule for the readiness checks of a backend that
+has no control channel to report ready on (a foreign backend, checked by an
+endpoint probe or a connect). Given how many checks have failed so far, the time
+now and the spawn's ready deadline, :meth:`ReadinessBackoff.next_check_at` says
+when to check next: fast at first (most backends bind within milliseconds), then
+backing off to a cap, never later than the deadline, so the last check happens
+at the ceiling rather than a back-off step before it.
 
-What it leaves to its caller: probing the endpoint and the process, sleeping,
-counting probes and turning the terminal outcomes into a spawn failure.
+What it does not do: decide that a spawn failed. The backend's lifecycle
+(``rpbroker.policy.lifecycle``) owns that: its ready timer ends STARTING, its
+process exit before ready is a spawn failure, and a failed check is only an input
+(``ReadinessCheckFailed``) it remembers for the failure's detail. Checking the
+endpoint and sleeping are the shell's (``rpbroker.supervisor.incarnation``).
 """
 
 from __future__ import annotations
@@ -19,38 +23,10 @@ import attrs
 
 from rpbroker.policy._units import clamp_duration_s
 
-#: Hard bound on a readiness wait (seconds): a backend slower than this is broken.
-DEFAULT_SPAWN_WAIT_CEILING_S: Final[float] = 60.0
-#: Delays between readiness probes (seconds): fast at first, since most backends
-#: are ready within milliseconds, then backing off to the last step.
+#: Delays between readiness checks, seconds: fast at first, since most backends are
+#: ready within milliseconds, then backing off to the last step (the cap), so a slow
+#: backend costs at most one check every 2 s.
 DEFAULT_SPAWN_WAIT_BACKOFF_S: Final[tuple[float, ...]] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-
-
-@attrs.frozen
-class EndpointReady:
-    """Decision: the backend answered; stop waiting."""
-
-
-@attrs.frozen
-class DaemonExitedBeforeReady:
-    """Decision: the process died before its endpoint answered."""
-
-
-@attrs.frozen
-class SpawnWaitTimeout:
-    """Decision: the hard ceiling was reached."""
-
-    ceiling_s: float
-
-
-@attrs.frozen
-class SleepFor:
-    """Decision: probe again after ``delay_s`` seconds."""
-
-    delay_s: float
-
-
-SpawnWaitDecision = EndpointReady | DaemonExitedBeforeReady | SpawnWaitTimeout | SleepFor
 
 
 def _clamp_backoff(values: tuple[float, ...]) -> tuple[float, ...]:
@@ -61,34 +37,21 @@ def _clamp_backoff(values: tuple[float, ...]) -> tuple[float, ...]:
 
 
 @attrs.frozen
-class SpawnWaitPolicy:
-    """Ceiling and back-off steps (seconds). Non-positive values become 1 ms.
+class ReadinessBackoff:
+    """Back-off steps between readiness checks (seconds). Non-positive steps become 1 ms.
 
-    Probe numbers past the end of ``backoff`` reuse its last step (the cap).
+    Check numbers past the end of ``steps`` reuse its last step (the cap).
     """
 
-    ceiling_s: float = attrs.field(default=DEFAULT_SPAWN_WAIT_CEILING_S, converter=clamp_duration_s)
-    backoff: tuple[float, ...] = attrs.field(
+    steps: tuple[float, ...] = attrs.field(
         default=DEFAULT_SPAWN_WAIT_BACKOFF_S, converter=_clamp_backoff
     )
 
-    def backoff_for(self, attempt: int) -> float:
-        """The back-off step for 0-based probe number ``attempt`` (capped at the last)."""
-        index = min(max(0, attempt), len(self.backoff) - 1)
-        return self.backoff[index]
+    def step_after(self, failed_checks: int) -> float:
+        """The delay after ``failed_checks`` failed checks (1-based; capped at the last step)."""
+        index = min(max(0, failed_checks - 1), len(self.steps) - 1)
+        return self.steps[index]
 
-    def decide(
-        self, elapsed_s: float, daemon_alive: bool, endpoint_ready: bool, attempt: int
-    ) -> SpawnWaitDecision:
-        """Decide after probe ``attempt`` (0-based), ``elapsed_s`` seconds after spawn.
-
-        Checked in order: endpoint ready; daemon gone; ``elapsed_s >= ceiling_s``;
-        otherwise sleep ``min(backoff step, ceiling_s - elapsed_s)``.
-        """
-        if endpoint_ready:
-            return EndpointReady()
-        if not daemon_alive:
-            return DaemonExitedBeforeReady()
-        if elapsed_s >= self.ceiling_s:
-            return SpawnWaitTimeout(self.ceiling_s)
-        return SleepFor(min(self.backoff_for(attempt), self.ceiling_s - elapsed_s))
+    def next_check_at(self, failed_checks: int, now: float, deadline: float) -> float:
+        """When to check again: the back-off step from ``now``, never past ``deadline``."""
+        return min(now + self.step_after(failed_checks), max(now, deadline))

@@ -3,7 +3,9 @@
 What this module does: :func:`fan_out` sends a release-handles or quiesce
 operation to every target incarnation concurrently over its control link, each
 wait bounded by one shared ACK deadline, and collects what happened to each
-(acked, timed out, failed, or skipped because it is dead) into a
+(acked, timed out, failed, skipped because it is dead, or skipped because it
+is a foreign backend without a control channel: a quiesce stops it with
+SIGTERM instead) into a
 ``BroadcastResult``. A target that is still starting is waited for (within the
 same deadline) and then sent the operation; a draining one still receives it
 (it is alive and may hold handles). A quiesce makes its target unroutable at
@@ -24,6 +26,7 @@ from rpbroker.policy.broadcast import (
     BackendAcked,
     BackendFailed,
     BackendSkippedDead,
+    BackendSkippedNoControl,
     BackendTimedOut,
     BroadcastCollector,
     BroadcastFailure,
@@ -31,7 +34,9 @@ from rpbroker.policy.broadcast import (
     BroadcastOutcome,
     BroadcastResult,
     Quiesce,
+    QuiesceReason,
 )
+from rpbroker.policy.lifecycle import StopCause
 from rpbroker.supervisor.incarnation import Incarnation
 from rpbroker.supervisor.link import LinkClosedError
 
@@ -81,8 +86,14 @@ async def _send_one(
     with trio.move_on_at(ack_deadline):
         if incarnation.lifecycle.starting:
             await incarnation.settled.wait()
+        if incarnation.exited.is_set() or incarnation.spawn_failure is not None:
+            await trio.lowlevel.checkpoint()
+            return BackendSkippedDead(incarnation)
+        if not incarnation.has_control_channel:
+            await trio.lowlevel.checkpoint()
+            return _without_control_channel(incarnation, operation, drain_deadline)
         link = incarnation.link
-        if incarnation.exited.is_set() or link is None or incarnation.spawn_failure is not None:
+        if link is None:
             await trio.lowlevel.checkpoint()
             return BackendSkippedDead(incarnation)
         if isinstance(operation, Quiesce):
@@ -105,6 +116,33 @@ async def _send_one(
             return BackendAcked(incarnation)
         return BackendFailed(incarnation, reply.failure, reply.detail)
     return BackendTimedOut(incarnation, timeout_s)
+
+
+def _without_control_channel(
+    incarnation: Incarnation, operation: BroadcastOperation, drain_deadline: float
+) -> BackendSkippedNoControl[Incarnation]:
+    """What a broadcast does to a foreign backend: nothing can be sent; a quiesce is a stop.
+
+    A quiesce becomes SIGTERM now and SIGKILL at the drain deadline (the backend
+    cannot be asked to drain, so it gets the drain time to exit on SIGTERM). A
+    backend already stopping keeps its earlier kill time.
+    """
+    if isinstance(operation, Quiesce):
+        cause = (
+            StopCause.BROKER_SHUTDOWN
+            if operation.reason is QuiesceReason.BROKER_SHUTDOWN
+            else StopCause.REQUESTED
+        )
+        grace_s = max(0.0, drain_deadline - trio.current_time())
+        incarnation.stop(cause, grace_s=grace_s)
+        return BackendSkippedNoControl(
+            incarnation,
+            "foreign backend has no control channel: sent SIGTERM instead of the quiesce "
+            f"(SIGKILL at the drain deadline, {grace_s:.3g} s)",
+        )
+    return BackendSkippedNoControl(
+        incarnation, "foreign backend has no control channel: the operation was not sent"
+    )
 
 
 def _remaining_ms(deadline: float) -> int:

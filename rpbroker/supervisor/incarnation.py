@@ -13,7 +13,8 @@ backend is unroutable: there is no window in which another task still sees it
 as running.
 
 :meth:`Incarnation.run` hosts the incarnation's tasks (process watcher, link
-reader, timers) and, however it ends (exit, cancellation), kills and reaps what
+reader, or the readiness checks of a foreign backend, which has no link; timers)
+and, however it ends (exit, cancellation), kills and reaps what
 is left, closes the link and removes the endpoint file, within a bound.
 
 What it does not do: decide whether to start it, respawn it or refuse Hellos
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -39,6 +42,7 @@ from rpbroker.events import EventKind, EventLog
 from rpbroker.launcher import BackendLauncher, LaunchRequest
 from rpbroker.policy.broadcast import QuiesceReason
 from rpbroker.policy.lifecycle import (
+    DEFAULT_TERMINATE_GRACE_S,
     Action,
     BackendLifecycle,
     BeganDraining,
@@ -65,7 +69,8 @@ from rpbroker.policy.lifecycle import (
     Terminate,
     TimerFired,
 )
-from rpbroker.services import ServiceSpec
+from rpbroker.services import ENDPOINT_TOKEN_HEX_DIGITS, ServiceSpec
+from rpbroker.supervisor import readiness
 from rpbroker.supervisor.link import BackendLink
 
 logger = logging.getLogger("rpbroker.supervisor")
@@ -126,12 +131,15 @@ class Incarnation:
     ) -> None:
         self.key = key
         self.spec = spec
-        self.endpoint = transports.new_backend_endpoint(config.runtime_dir)
+        self.endpoint = _endpoint_for(key, spec, config)
         self._config = config
         self._events = events
         self._launcher = launcher
         self._owner = owner
-        self.lifecycle = BackendLifecycle(ready_timeout_s=config.spawn_ready_timeout_s)
+        ready_timeout_s = config.spawn_ready_timeout_s
+        if spec.foreign is not None and spec.foreign.ready_timeout_secs is not None:
+            ready_timeout_s = spec.foreign.ready_timeout_secs
+        self.lifecycle = BackendLifecycle(ready_timeout_s=ready_timeout_s)
         self.process: transports.ChildProcess | None = None
         self.link: BackendLink | None = None
         self.started_at_unix_ms = _wall_ms()
@@ -163,6 +171,11 @@ class Incarnation:
     @property
     def pid(self) -> int:
         return self.lifecycle.pid
+
+    @property
+    def has_control_channel(self) -> bool:
+        """False for a foreign backend: no handoff, no broadcasts, readiness by checks."""
+        return self.spec.foreign is None
 
     @property
     def routable(self) -> bool:
@@ -329,12 +342,16 @@ class Incarnation:
                 self.feed(LaunchFailed(str(exc)))
                 return
             self.process = launched.process
-            self.link = BackendLink(launched.channel, self)
+            if launched.channel is not None:
+                self.link = BackendLink(launched.channel, self)
             self.feed(Launched(launched.process.pid))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_process, launched.process)
-                nursery.start_soon(self.link.run)
+                if self.link is not None:
+                    nursery.start_soon(self.link.run)
+                elif self.spec.foreign is not None:
+                    nursery.start_soon(readiness.check_until_ready, self, self.spec.foreign)
                 await self._run_timers()
                 nursery.cancel_scope.cancel()
         finally:
@@ -375,12 +392,14 @@ class Incarnation:
                     self.feed(ProcessExited(-9))
         if self.link is not None:
             await self.link.aclose()
-        _discard_endpoint(self.endpoint)
+        _discard_endpoint(self.endpoint, foreign=self.spec.foreign is not None)
         self.ended.set()
 
-    def stop(self, cause: StopCause = StopCause.REQUESTED) -> None:
-        """Ask it to stop: SIGTERM, then SIGKILL after the grace (see the lifecycle)."""
-        self.feed(StopRequested(cause))
+    def stop(
+        self, cause: StopCause = StopCause.REQUESTED, grace_s: float = DEFAULT_TERMINATE_GRACE_S
+    ) -> None:
+        """Ask it to stop: SIGTERM, then SIGKILL after ``grace_s`` (see the lifecycle)."""
+        self.feed(StopRequested(cause, grace_s))
 
     def kill(self) -> None:
         """Kill it now (SIGKILL to its group)."""
@@ -391,8 +410,29 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _discard_endpoint(endpoint: str) -> None:
-    """Remove a dead backend's endpoint file, if the platform has one."""
+def _endpoint_for(key: BackendKey, spec: ServiceSpec, config: BrokerConfig) -> str:
+    """A fresh backend endpoint, or a foreign backend's own (its template filled)."""
+    if spec.foreign is None:
+        return transports.new_backend_endpoint(config.runtime_dir)
+    runtime = config.runtime_dir or transports.runtime_dir(create=False)
+    return spec.foreign.endpoint_for(
+        os.fspath(runtime),
+        key.service_name,
+        key.service_version,
+        secrets.token_hex(ENDPOINT_TOKEN_HEX_DIGITS // 2),
+    )
+
+
+def _discard_endpoint(endpoint: str, *, foreign: bool = False) -> None:
+    """Remove a dead backend's endpoint file, if the platform has one.
+
+    A foreign backend's endpoint may be a fixed path the broker did not make: it
+    is removed only when it is provably a dead socket of this user.
+    """
+    if foreign:
+        with contextlib.suppress(transports.TransportError, OSError):
+            transports.clear_stale_endpoint(endpoint)
+        return
     path = Path(endpoint)
     if path.is_absolute():
         with contextlib.suppress(OSError):

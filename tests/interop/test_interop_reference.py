@@ -98,8 +98,10 @@ async def sdk_backend(endpoint: str) -> AsyncIterator[int]:
     launched = await ProcessLauncher().launch(
         LaunchRequest(NAME, "1.0.0", instance=NAME, endpoint=endpoint, spec=spec)
     )
+    channel = launched.channel
+    assert channel is not None  # an SDK backend has its control channel
     try:
-        message = await launched.channel.receive_message(MAX_FRAME_BYTES)
+        message = await channel.receive_message(MAX_FRAME_BYTES)
         ready = control.parse(message.framed)
         assert isinstance(ready, control.ReadyNotice)
         yield launched.process.pid
@@ -107,7 +109,7 @@ async def sdk_backend(endpoint: str) -> AsyncIterator[int]:
         launched.process.kill_tree()
         with trio.CancelScope(shield=True):
             await launched.process.wait()
-            await launched.channel.aclose()
+            await channel.aclose()
 
 
 async def wait_for(condition: Callable[[], bool]) -> None:

@@ -12,6 +12,7 @@ from rpbroker.policy.broadcast import (
     BackendAcked,
     BackendFailed,
     BackendSkippedDead,
+    BackendSkippedNoControl,
     BackendTimedOut,
     BroadcastCollector,
     BroadcastFailure,
@@ -209,7 +210,21 @@ def test_result_to_json_is_json_ready() -> None:
             }
         ],
         "skipped_dead": ["('dead', 1)"],
+        "skipped_no_control_channel": [],
     }
+
+
+def test_a_live_backend_without_control_channel_is_skipped_and_not_acked() -> None:
+    collector = BroadcastCollector(RELEASE, ["sdk", "foreign"], ack_timeout_s=1.0)
+    collector.record(BackendAcked("sdk"))
+    collector.record(BackendSkippedNoControl("foreign", "no control channel"))
+    result = collector.result()
+    assert result.sent_count == 1  # nothing was sent to the foreign one
+    assert result.skipped_no_control == (BackendSkippedNoControl("foreign", "no control channel"),)
+    assert not result.all_live_backends_acked
+    assert result.to_json()["skipped_no_control_channel"] == [
+        {"backend": "foreign", "detail": "no control channel"}
+    ]
 
 
 def test_operation_json() -> None:

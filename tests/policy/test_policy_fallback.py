@@ -72,6 +72,10 @@ def test_enabled_inputs_attempt() -> None:
         (HandoffInputs(True, False, False), FallbackReason.SERVICE_POLICY_DISABLED),
         (HandoffInputs(True, True, True), FallbackReason.FD_PRESSURE_DISABLED),
         (HandoffInputs(True, True, False, True), FallbackReason.ADOPTED_BACKEND),
+        (
+            HandoffInputs(True, True, False, backend_has_control_channel=False),
+            FallbackReason.NO_CONTROL_CHANNEL,
+        ),
     ],
 )
 def test_disabled_inputs_skip_handoff_with_silent_reconnect(
@@ -95,6 +99,19 @@ def test_check_order_first_failing_input_wins() -> None:
     decision = state.should_attempt("be", HandoffInputs(True, True, True, True), 0.0)
     assert isinstance(decision, Fallback)
     assert decision.reason is FallbackReason.FD_PRESSURE_DISABLED
+
+
+def test_a_backend_without_control_channel_says_so_before_any_policy_reason() -> None:
+    # A foreign backend: even with handoff disabled by policy and fd pressure, the
+    # reason given is the one that really holds; a client not asking still hears nothing.
+    state = FallbackState[str](FallbackPolicy(1, 30.0))
+    fail(state, "be", 0.0)
+    foreign = HandoffInputs(True, False, True, backend_has_control_channel=False)
+    assert state.should_attempt("be", foreign, 1.0) == Fallback(FallbackReason.NO_CONTROL_CHANNEL)
+    not_asking = HandoffInputs(False, True, False, backend_has_control_channel=False)
+    assert state.should_attempt("be", not_asking, 1.0) == Fallback(
+        FallbackReason.CLIENT_UNSUPPORTED
+    )
 
 
 def test_static_reasons_win_over_rate_limit() -> None:
@@ -125,6 +142,7 @@ def test_fallback_reason_values_match_reference() -> None:
         "integrity_mismatch",
         "backend_ack_timeout",
         "token_unavailable",
+        "backend_no_control_channel",
     ]
     assert Fallback(FallbackReason.TOKEN_UNAVAILABLE).retry_after_s is None
 

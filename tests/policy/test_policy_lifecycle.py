@@ -42,6 +42,7 @@ from rpbroker.policy.lifecycle import (
     Phase,
     ProcessExited,
     QuiesceSent,
+    ReadinessCheckFailed,
     ReadyReported,
     SettleSpawn,
     SpawnFailure,
@@ -103,6 +104,7 @@ REPRESENTATIVE: dict[type[Any], Input] = {
     Launched: Launched(200),
     LaunchFailed: LaunchFailed("no such file"),
     ReadyReported: ReadyReported(),
+    ReadinessCheckFailed: ReadinessCheckFailed("connection refused"),
     LinkClosed: LinkClosed(),
     ProcessExited: ProcessExited(3),
     QuiesceSent: QuiesceSent(drain_deadline=NOW + 20.0),
@@ -138,6 +140,7 @@ EXITED_BEFORE_READY = "exited with status 3 before becoming ready"
 EXPECTED: dict[tuple[Phase, type[Any]], Expected] = {
     # LAUNCHING: nothing exists yet; only the launch result moves it.
     (Phase.LAUNCHING, Launched): Expected(Phase.STARTING, (), NOW + READY_TIMEOUT_S),
+    (Phase.LAUNCHING, ReadinessCheckFailed): unchanged(Phase.LAUNCHING),
     (Phase.LAUNCHING, LaunchFailed): Expected(
         Phase.EXITED,
         (
@@ -156,6 +159,7 @@ EXPECTED: dict[tuple[Phase, type[Any]], Expected] = {
     (Phase.LAUNCHING, TimerFired): unchanged(Phase.LAUNCHING),
     # STARTING (ready ceiling at 5.0).
     (Phase.STARTING, Launched): unchanged(Phase.STARTING, 5.0),
+    (Phase.STARTING, ReadinessCheckFailed): unchanged(Phase.STARTING, 5.0),
     (Phase.STARTING, LaunchFailed): unchanged(Phase.STARTING, 5.0),
     (Phase.STARTING, ReadyReported): Expected(Phase.RUNNING, (SettleSpawn(None),), INF),
     (Phase.STARTING, LinkClosed): Expected(
@@ -200,6 +204,7 @@ EXPECTED: dict[tuple[Phase, type[Any]], Expected] = {
     ),
     # RUNNING (no timer).
     (Phase.RUNNING, Launched): unchanged(Phase.RUNNING),
+    (Phase.RUNNING, ReadinessCheckFailed): unchanged(Phase.RUNNING),
     (Phase.RUNNING, LaunchFailed): unchanged(Phase.RUNNING),
     (Phase.RUNNING, ReadyReported): unchanged(Phase.RUNNING),
     (Phase.RUNNING, LinkClosed): Expected(
@@ -218,6 +223,7 @@ EXPECTED: dict[tuple[Phase, type[Any]], Expected] = {
     (Phase.RUNNING, TimerFired): unchanged(Phase.RUNNING),
     # DRAINING (drain deadline at 8.0).
     (Phase.DRAINING, Launched): unchanged(Phase.DRAINING, 8.0),
+    (Phase.DRAINING, ReadinessCheckFailed): unchanged(Phase.DRAINING, 8.0),
     (Phase.DRAINING, LaunchFailed): unchanged(Phase.DRAINING, 8.0),
     (Phase.DRAINING, ReadyReported): unchanged(Phase.DRAINING, 8.0),
     (Phase.DRAINING, LinkClosed): unchanged(Phase.DRAINING, 8.0),
@@ -236,6 +242,7 @@ EXPECTED: dict[tuple[Phase, type[Any]], Expected] = {
     ),
     # STOPPING (SIGTERM sent, kill at 2.0, cause REQUESTED).
     (Phase.STOPPING, Launched): unchanged(Phase.STOPPING, 2.0),
+    (Phase.STOPPING, ReadinessCheckFailed): unchanged(Phase.STOPPING, 2.0),
     (Phase.STOPPING, LaunchFailed): unchanged(Phase.STOPPING, 2.0),
     (Phase.STOPPING, ReadyReported): unchanged(Phase.STOPPING, 2.0),
     (Phase.STOPPING, LinkClosed): unchanged(Phase.STOPPING, 2.0),
@@ -891,3 +898,21 @@ def test_property_timer_exactly_where_documented(
             phase is Phase.STOPPING and not killed
         )
         assert math.isfinite(fed.deadline) == expected
+
+
+def test_a_ready_timeout_names_the_last_failed_readiness_check() -> None:
+    lc = lifecycle()
+    feed_all(
+        lc,
+        [
+            (Launched(PID), 0.0),
+            (ReadinessCheckFailed("unreachable: connection refused"), 1.0),
+            (ReadinessCheckFailed("bad-reply: not a probe reply"), 2.0),
+        ],
+    )
+    assert lc.phase is Phase.STARTING and lc.deadline == READY_TIMEOUT_S
+    actions = lc.feed(TimerFired(), READY_TIMEOUT_S).actions
+    detail = "not ready within 5 s (last readiness check: bad-reply: not a probe reply)"
+    assert SettleSpawn(SpawnFailure.READY_TIMEOUT, detail) in actions
+    step = lc.feed(ProcessExited(-9), READY_TIMEOUT_S + 0.1)
+    assert Ended(NeverReady(SpawnFailure.READY_TIMEOUT, detail, -9)) in step.actions

@@ -1,4 +1,4 @@
-"""Spawn budget, the per-service spawn cap, and spawn-wait decisions (facts §6)."""
+"""Spawn budget, the per-service spawn cap, the readiness back-off of foreign backends (§6)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,7 @@ from rpbroker.policy.spawn_budget import (
     SpawnOutcome,
     SpawnPermit,
 )
-from rpbroker.policy.spawn_wait import (
-    DEFAULT_SPAWN_WAIT_BACKOFF_S,
-    DEFAULT_SPAWN_WAIT_CEILING_S,
-    DaemonExitedBeforeReady,
-    EndpointReady,
-    SleepFor,
-    SpawnWaitPolicy,
-    SpawnWaitTimeout,
-)
+from rpbroker.policy.spawn_wait import DEFAULT_SPAWN_WAIT_BACKOFF_S, ReadinessBackoff
 
 Key = tuple[str, str, str]
 A: Key = ("shared", "zccache", "1.0.0")
@@ -311,50 +303,28 @@ def test_limiter_zero_configuration_clamps() -> None:
     assert isinstance(limiter.try_begin(B, SVC, 0.001), SpawnPermit)  # a 1 ms window
 
 
-# -- spawn wait -------------------------------------------------------------------------
+# -- spawn wait (readiness checks of a foreign backend) -----------------------------------
 
 
-def test_default_hard_ceiling_is_sixty_seconds() -> None:
-    assert DEFAULT_SPAWN_WAIT_CEILING_S == 60.0
-    assert SpawnWaitPolicy().ceiling_s == 60.0
+def test_backoff_sequence_and_cap() -> None:
     assert DEFAULT_SPAWN_WAIT_BACKOFF_S == (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+    backoff = ReadinessBackoff()
+    delays = [backoff.step_after(n) for n in range(1, 9)]
+    assert delays == [0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0]
+    assert backoff.step_after(999) == 2.0
+    assert backoff.step_after(-3) == 0.05
 
 
-def test_timeout_is_hard_bounded_not_infinite() -> None:
-    policy = SpawnWaitPolicy(ceiling_s=0.125)
-    decision = policy.decide(0.100, daemon_alive=True, endpoint_ready=False, attempt=5)
-    assert isinstance(decision, SleepFor)
-    assert decision.delay_s == pytest.approx(0.025)
-    assert policy.decide(0.125, True, False, 5) == SpawnWaitTimeout(0.125)
-    assert policy.decide(99.0, True, False, 0) == SpawnWaitTimeout(0.125)
-
-
-def test_dead_process_returns_daemon_exited_before_ready() -> None:
-    policy = SpawnWaitPolicy()
-    assert policy.decide(0.0, False, False, 0) == DaemonExitedBeforeReady()
-    # Dead wins over the ceiling.
-    assert policy.decide(999.0, False, False, 0) == DaemonExitedBeforeReady()
-
-
-def test_endpoint_ready_wins() -> None:
-    policy = SpawnWaitPolicy(ceiling_s=0.001)
-    assert policy.decide(30.0, daemon_alive=False, endpoint_ready=True, attempt=0) == (
-        EndpointReady()
-    )
-
-
-def test_backoff_sequence_and_cap_match_spawn_wait_contract() -> None:
-    policy = SpawnWaitPolicy()
-    delays = [policy.decide(0.0, True, False, n) for n in range(8)]
-    assert delays == [SleepFor(d) for d in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 2.0, 2.0)]
-    assert policy.decide(0.0, True, False, 999) == SleepFor(2.0)
-    assert policy.decide(0.0, True, False, -3) == SleepFor(0.05)
+def test_next_check_never_passes_the_deadline() -> None:
+    backoff = ReadinessBackoff()
+    assert backoff.next_check_at(1, now=10.0, deadline=20.0) == pytest.approx(10.05)
+    assert backoff.next_check_at(6, now=10.0, deadline=11.0) == 11.0  # step 2 s, capped
+    assert backoff.next_check_at(6, now=12.0, deadline=11.0) == 12.0  # past it: at once
 
 
 def test_custom_backoff_and_clamping() -> None:
-    policy = SpawnWaitPolicy(ceiling_s=0.0, backoff=(0.0, 1.0))
-    assert policy.ceiling_s == 0.001
-    assert policy.backoff == (0.001, 1.0)
-    assert policy.backoff_for(7) == 1.0
+    backoff = ReadinessBackoff(steps=(0.0, 1.0))
+    assert backoff.steps == (0.001, 1.0)
+    assert backoff.step_after(7) == 1.0
     with pytest.raises(ValueError):
-        SpawnWaitPolicy(backoff=())
+        ReadinessBackoff(steps=())

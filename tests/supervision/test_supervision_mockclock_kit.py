@@ -165,14 +165,16 @@ async def test_fake_launcher_alone_implements_the_launcher_protocol(
         async with FakeLauncher(default=FakeBackendScript(listen=False)) as launcher:
             as_protocol: BackendLauncher = launcher
             launched = await as_protocol.launch(request)
-            message = await launched.channel.receive_message(1 << 20)
+            channel = launched.channel
+            assert channel is not None
+            message = await channel.receive_message(1 << 20)
             ready = control.parse(message.framed)
             assert isinstance(ready, control.ReadyNotice)
             assert ready.endpoint == request.endpoint
             fake = launcher.backend("svc")
             assert fake.ready and fake.process is launched.process
-            assert launched.channel.peer_pid == fake.pid
-            await launched.channel.aclose()  # the "broker" goes away: the fake exits 0
+            assert channel.peer_pid == fake.pid
+            await channel.aclose()  # the "broker" goes away: the fake exits 0
             assert await launched.process.wait() == 0
             await fake.wait_finished()
             assert launcher.backends == []
