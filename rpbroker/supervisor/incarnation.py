@@ -39,6 +39,7 @@ from rpbroker.events import EventKind, EventLog
 from rpbroker.launcher import BackendLauncher, LaunchRequest
 from rpbroker.policy.broadcast import QuiesceReason
 from rpbroker.policy.lifecycle import (
+    DEFAULT_TERMINATE_GRACE_S,
     Action,
     BackendLifecycle,
     BeganDraining,
@@ -67,6 +68,7 @@ from rpbroker.policy.lifecycle import (
 )
 from rpbroker.services import ServiceSpec
 from rpbroker.supervisor.link import BackendLink
+from rpbroker.supervisor.output import OutputCapture, OutputLog
 
 logger = logging.getLogger("rpbroker.supervisor")
 
@@ -123,6 +125,7 @@ class Incarnation:
         events: EventLog,
         launcher: BackendLauncher,
         owner: IncarnationOwner,
+        output_log: OutputLog | None = None,
     ) -> None:
         self.key = key
         self.spec = spec
@@ -151,6 +154,9 @@ class Incarnation:
         self._quiesce_reason: QuiesceReason | None = None
         self._timer: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self._output_log = output_log
+        #: Its captured stdout/stderr, when the launcher captured them.
+        self.output: OutputCapture | None = None
 
     def __repr__(self) -> str:
         return (
@@ -243,7 +249,10 @@ class Incarnation:
                 self._nursery.start_soon(self._healthy_after, self._config.recovery_window_s)
         else:
             self.spawn_failure = action.failure
-            self.spawn_failure_detail = action.detail
+            tail = self.stderr_tail()
+            self.spawn_failure_detail = (
+                f"{action.detail}; its stderr ended with:\n{tail}" if tail else action.detail
+            )
             self._owner.left_service(self)
         self.settled.set()
         self._owner.spawn_settled(self, action.failure is None)
@@ -275,6 +284,7 @@ class Incarnation:
                 reason=f"backend spawn failed: {outcome.detail}",
                 failure=outcome.failure.value,
                 status=outcome.status,
+                stderr_tail=self.stderr_tail(),
             )
         self._owner.ended(self, outcome)
 
@@ -330,9 +340,12 @@ class Incarnation:
                 return
             self.process = launched.process
             self.link = BackendLink(launched.channel, self)
+            self._capture_output(launched.process)
             self.feed(Launched(launched.process.pid))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.output is not None:
+                    nursery.start_soon(self.output.run)
                 nursery.start_soon(self._watch_process, launched.process)
                 nursery.start_soon(self.link.run)
                 await self._run_timers()
@@ -344,7 +357,19 @@ class Incarnation:
 
     async def _watch_process(self, process: transports.ChildProcess) -> None:
         status = await process.wait()
+        if self.output is not None:
+            await self.output.wait_drained()  # its last words first (see stderr_tail)
         self.feed(ProcessExited(status))
+
+    def _capture_output(self, process: transports.ChildProcess) -> None:
+        if process.output is not None:
+            log = self._output_log if self._output_log is not None else OutputLog()
+            backend = log.open_backend(self.key.service_name, self.key.service_version, process.pid)
+            self.output = OutputCapture(process.output, backend)
+
+    def stderr_tail(self) -> str:
+        """The last lines of its stderr, bounded (empty when not captured)."""
+        return "" if self.output is None else self.output.backend.stderr_tail()
 
     async def _run_timers(self) -> None:
         """Feed ``TimerFired`` whenever the lifecycle's deadline passes, until it exits."""
@@ -375,12 +400,18 @@ class Incarnation:
                     self.feed(ProcessExited(-9))
         if self.link is not None:
             await self.link.aclose()
+        if self.output is not None:
+            await self.output.aclose()
+            if self._output_log is not None:
+                self._output_log.backend_ended(self.output.backend)
         _discard_endpoint(self.endpoint)
         self.ended.set()
 
-    def stop(self, cause: StopCause = StopCause.REQUESTED) -> None:
-        """Ask it to stop: SIGTERM, then SIGKILL after the grace (see the lifecycle)."""
-        self.feed(StopRequested(cause))
+    def stop(
+        self, cause: StopCause = StopCause.REQUESTED, grace_s: float = DEFAULT_TERMINATE_GRACE_S
+    ) -> None:
+        """Ask it to stop: SIGTERM, then SIGKILL after ``grace_s`` (see the lifecycle)."""
+        self.feed(StopRequested(cause, grace_s))
 
     def kill(self) -> None:
         """Kill it now (SIGKILL to its group)."""
