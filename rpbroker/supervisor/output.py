@@ -300,6 +300,11 @@ class OutputLog:
             self._followers.add(follower)
         return follower
 
+    @property
+    def follower_count(self) -> int:
+        """Followers still open (one that left is no longer counted)."""
+        return len(self._followers)
+
     def _unfollow(self, follower: LineFollower) -> None:
         self._followers.discard(follower)
 
