@@ -273,6 +273,6 @@ async def test_logs_stream_the_kept_lines_then_live_ones(workspace: Workspace) -
     assert "hello from stderr" in texts and "flood done" in texts
     stderr = [r.output_line for r in kept if r.output_line.text == "hello from stderr"]
     # Both backends' lines are kept, the ended one's first.
-    assert [line.pid for line in stderr][0] == first_pid and len(stderr) == 2
+    assert stderr[0].pid == first_pid and len(stderr) == 2
     assert {(line.stream, line.service_version) for line in stderr} == {("stderr", "1.0.0")}
     assert unknown.reason is StreamEndReason.UNKNOWN_SERVICE
