@@ -4,8 +4,8 @@ What this module does: validates an admin frame, renders the reply of each verb
 of SPEC §8 / facts §8 (STATUS as JSON or text, DUMP, LIST_INSTANCES, HEALTHZ,
 READYZ, BACKEND_HEALTH, CONFIG, DIAGNOSE, METRICS, SHUTDOWN; anything else is
 "unsupported admin verb" with exit 2), every JSON body in the common envelope
-(``schema_version: 1``, ``command``, ``generated_at_unix_ms``). It also serves
-rpbroker's lifecycle-lane broadcast requests from the CLI.
+(``schema_version: 1``, ``command``, ``generated_at_unix_ms``; ``envelope``,
+also used by ``operator_lane`` for the lifecycle-lane reports).
 
 BACKEND_HEALTH also says whether the service has a usable definition and gives a
 verdict (available / unavailable / unknown). The second half renders these JSON
@@ -36,7 +36,7 @@ from rpbroker.logfmt import KeyValues, text_value
 from rpbroker.policy.broadcast import BroadcastOperation
 from rpbroker.policy.hello import is_valid_service_name
 from rpbroker.services import ServiceLoadError, ServiceNotFound, load_service
-from rpbroker.wire import AdminReply, AdminRequest, BroadcastReport, Frame, LifecycleMessage
+from rpbroker.wire import AdminReply, AdminRequest, Frame, LifecycleMessage
 from rpbroker.wire._pb.broker_v1_pb2 import AdminReplyKind as _WireReplyKind
 from rpbroker.wire.codes import AdminReplyKind, AdminVerb, FrameKind
 from rpbroker.wire.frames import (
@@ -90,7 +90,7 @@ DIAGNOSE_DETAIL = (
 )
 
 
-def _envelope(command: str, **body: Any) -> dict[str, Any]:
+def envelope(command: str, **body: Any) -> dict[str, Any]:
     return {
         "schema_version": ADMIN_SCHEMA_VERSION,
         "command": command,
@@ -104,7 +104,7 @@ def _backend_rows(broker: Broker) -> list[dict[str, Any]]:
 
 
 def status_document(broker: Broker) -> dict[str, Any]:
-    return _envelope(
+    return envelope(
         "status",
         broker_instance=broker.config.instance_name,
         broker_pid=os.getpid(),
@@ -246,7 +246,7 @@ def backend_health_document(broker: Broker, service: str, definition: Definition
         verdict = ServiceVerdict.UNAVAILABLE
     else:
         verdict = ServiceVerdict.UNKNOWN
-    return _envelope(
+    return envelope(
         "backend-health",
         service_name=service,
         backends=rows,
@@ -292,7 +292,7 @@ def render(
         )
     if verb is AdminVerb.DUMP:
         return as_json(
-            _envelope(
+            envelope(
                 "dump",
                 broker_instance=broker.config.instance_name,
                 effective_config=_config_values(broker),
@@ -303,7 +303,7 @@ def render(
         )
     if verb is AdminVerb.LIST_INSTANCES:
         return as_json(
-            _envelope(
+            envelope(
                 "list-instances",
                 instances=[
                     {
@@ -328,7 +328,7 @@ def render(
             )
         )
     if verb is AdminVerb.CONFIG:
-        return as_json(_envelope("config", values=_config_values(broker)))
+        return as_json(envelope("config", values=_config_values(broker)))
     if verb is AdminVerb.DIAGNOSE:
         backends = _backend_rows(broker)
         entries: list[dict[str, Any]] = []
@@ -344,7 +344,7 @@ def render(
                 entry["record_count"] = len(backends)
             entries.append(entry)
         return as_json(
-            _envelope(
+            envelope(
                 "diagnose",
                 output=request.output_path or "bundle.tar.gz",
                 bundle={
@@ -409,28 +409,6 @@ def operation_from_request(
     return operation, (req.ack_timeout_ms / 1000 if req.ack_timeout_ms else None)
 
 
-async def handle_lifecycle_frame(broker: Broker, frame: Frame) -> bytes | None:
-    """Serve an operator's broadcast request; ``None`` for anything else.
-
-    Cancellation: cancelling abandons the broadcast's outstanding ACK waits.
-    """
-    if check_envelope(frame, kind=FrameKind.REQUEST, payload_protocol=PayloadProtocol.LIFECYCLE):
-        return None
-    try:
-        parsed = operation_from_request(decode(LifecycleMessage, frame.payload))
-    except MalformedMessage:
-        return None
-    if parsed is None:
-        return None
-    operation, timeout = parsed
-    result = await broker.broadcast(operation, ack_timeout_s=timeout)
-    body = _envelope("broadcast", **result.to_json())
-    report = LifecycleMessage(
-        broadcast_report=BroadcastReport(json=json.dumps(body, sort_keys=True))
-    )
-    return framed(response_to(frame, encode(report)))
-
-
 # -- text for operators ----------------------------------------------------------------
 # The CLI asks for JSON and renders it with these (the wire's STATUS text stays the
 # reference's two lines). Times are shown relative to the document's
@@ -489,7 +467,8 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _iso(unix_ms: int) -> str:
+def iso_time(unix_ms: int) -> str:
+    """``unix_ms`` as an ISO 8601 UTC time with milliseconds (``...Z``)."""
     moment = datetime.datetime.fromtimestamp(unix_ms / 1000, tz=datetime.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -563,7 +542,7 @@ def event_line(event: Mapping[str, Any]) -> str:
         reason=event.get("reason"),
         **dict(event.get("details") or {}),
     )
-    return f"{_iso(int(event.get('at_unix_ms', 0)))}  {event.get('kind')}  {fields}".rstrip()
+    return f"{iso_time(int(event.get('at_unix_ms', 0)))}  {event.get('kind')}  {fields}".rstrip()
 
 
 def dump_text(document: Mapping[str, Any]) -> str:
@@ -583,7 +562,7 @@ def dump_text(document: Mapping[str, Any]) -> str:
     ]
     events = list(document.get("recent_lifecycle_events", []))
     sections = [
-        f"broker {document.get('broker_instance')}, dump of {_iso(now)}",
+        f"broker {document.get('broker_instance')}, dump of {iso_time(now)}",
         "",
         "backends",
         *(f"  {line}" for line in backend_table(list(document.get("backend_table", [])), now)),

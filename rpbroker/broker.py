@@ -3,8 +3,9 @@
 What this module does: binds the broker endpoint and serves every connection in
 its own task (nothing a peer sends can stop the accept loop). For each one it
 checks the kernel's peer identity before reading, reads exactly one frame under
-an absolute deadline, and routes it: admin (``0xAD01``), lifecycle broadcast
-requests from operators (rpbroker's lane), or a Hello, which goes through shape
+an absolute deadline, and routes it: admin (``0xAD01``), operator requests on
+rpbroker's lifecycle lane (``operator_lane``: broadcasts, one service's stop,
+restart or quiesce, event and backend-output streams), or a Hello, which goes through shape
 validation, the per-peer rate limit, the service definition (re-read on every
 Hello), the version policy, the backend supervisor (find or spawn) and finally a
 ``Negotiated`` or ``Refused`` reply echoing ``request_id`` and the trace context,
@@ -30,7 +31,7 @@ from typing import Any
 import trio
 
 import transports
-from rpbroker import admin, control
+from rpbroker import admin, control, operator_lane
 from rpbroker._groups import single_exception_as_itself
 from rpbroker._scopes import cancel_when_set
 from rpbroker.config import BrokerConfig
@@ -210,6 +211,13 @@ class Broker:
         Cancellation: just stops waiting.
         """
         await self._stopped.wait()
+
+    async def wait_stopping(self) -> None:
+        """Wait until a shutdown has begun (graceful or forced).
+
+        Cancellation: just stops waiting.
+        """
+        await self._stopping.wait()
 
     async def wait_connections_closed(self) -> None:
         """Wait until no client connection is being served by the broker itself.
@@ -397,9 +405,9 @@ class Broker:
                 await self._send(stream, reply)
             return
         if first.payload_protocol == PayloadProtocol.LIFECYCLE:
-            reply = await admin.handle_lifecycle_frame(self, first)
-            if reply is not None:
-                await self._send(stream, reply)
+            await operator_lane.serve_lifecycle_frame(
+                self, first, stream, functools.partial(self._send, stream)
+            )
             return
         await self._hello(stream, first, peer)
 

@@ -36,7 +36,13 @@ import trio
 
 import transports
 from rpbroker import __version__, admin
-from rpbroker.admin_client import admin_request, broadcast_request
+from rpbroker.admin_client import (
+    StreamSummary,
+    admin_request,
+    broadcast_request,
+    read_stream,
+    service_command,
+)
 from rpbroker.broker import Broker, serve_broker
 from rpbroker.client import default_broker_endpoint
 from rpbroker.config import BrokerConfig, ServiceManager
@@ -64,7 +70,14 @@ from rpbroker.logfmt import (
 from rpbroker.policy.broadcast import BroadcastOperation, Quiesce, QuiesceReason, ReleaseHandles
 from rpbroker.servicecheck import check_services_directory
 from rpbroker.services import ServiceDirectoryError, ServiceLoadError
-from rpbroker.wire.codes import AdminVerb
+from rpbroker.wire import StreamRecord
+from rpbroker.wire.codes import (
+    AdminVerb,
+    ServiceCommand,
+    ServiceCommandOutcome,
+    StreamEndReason,
+    StreamSource,
+)
 
 #: The variable naming the broker socket when ``--socket`` is not given.
 ENV_SOCKET = "RPBROKER_SOCKET"
@@ -363,6 +376,32 @@ def _parser() -> argparse.ArgumentParser:
         op.add_argument("--json", action="store_true")
         op.add_argument("--ack-timeout", type=_seconds, default=None, metavar="SECONDS")
         op.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS")
+    for name, text in _SERVICE_COMMAND_HELP.items():
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("service", help="service name")
+        command.add_argument("--socket", metavar="PATH", help=_socket_help())
+        command.add_argument("--json", action="store_true", help="print the JSON report")
+        command.add_argument(
+            "--grace" if name != "quiesce" else "--ack-timeout",
+            dest="command_timeout",
+            type=_seconds,
+            default=None,
+            metavar="SECONDS",
+            help="SIGTERM to SIGKILL (default: the broker's drain timeout)"
+            if name != "quiesce"
+            else "how long each backend may take to acknowledge (default: the broker's)",
+        )
+        command.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS")
+    for name, text in _STREAM_HELP.items():
+        command = sub.add_parser(name, help=text, description=text)
+        if name == "logs":
+            command.add_argument("service", help="service name")
+        command.add_argument("--socket", metavar="PATH", help=_socket_help())
+        command.add_argument("--json", action="store_true", help="one JSON object per line")
+        command.add_argument(
+            "-f", "--follow", action="store_true", help="then live ones, until Ctrl-C"
+        )
+        command.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS")
     check = sub.add_parser(
         "check",
         help="validate a services directory offline (exit 1 if any problem)",
@@ -647,6 +686,145 @@ def _broadcast(args: argparse.Namespace) -> int:
     return ExitStatus.OK if document.get("all_live_backends_acked") else ExitStatus.NO
 
 
+# -- one service, and streams ------------------------------------------------------------
+
+_SERVICE_COMMAND_HELP = {
+    "stop": "stop one service's backends (SIGTERM, SIGKILL after the grace) and keep it stopped",
+    "restart": "stop one service's backends; the next Hello starts a fresh one",
+    "quiesce": "ask one service's backends to drain and exit; the next Hello starts a fresh one",
+}
+_SERVICE_COMMANDS = {
+    "stop": ServiceCommand.STOP,
+    "restart": ServiceCommand.RESTART,
+    "quiesce": ServiceCommand.QUIESCE,
+}
+_STREAM_HELP = {
+    "events": "recent lifecycle events, one per line (--follow: then live ones)",
+    "logs": "the last lines one service's backends wrote (--follow: then live ones)",
+}
+_OUTCOME_EXIT = {
+    ServiceCommandOutcome.DONE: ExitStatus.OK,
+    ServiceCommandOutcome.INCOMPLETE: ExitStatus.NO,
+    ServiceCommandOutcome.UNKNOWN_SERVICE: ExitStatus.UNKNOWN_SERVICE,
+    ServiceCommandOutcome.BAD_REQUEST: ExitStatus.USAGE,
+}
+_END_EXIT = {
+    StreamEndReason.HISTORY_SENT: ExitStatus.OK,
+    StreamEndReason.BROKER_STOPPING: ExitStatus.OK,
+    StreamEndReason.UNKNOWN_SERVICE: ExitStatus.UNKNOWN_SERVICE,
+    StreamEndReason.BAD_REQUEST: ExitStatus.USAGE,
+}
+
+
+def service_command_text(command: str, document: Mapping[str, Any]) -> str:
+    """A service command's report for people: what was done, then one line per backend."""
+    name = document.get("service_name")
+    if command == "quiesce":
+        sent = int(document.get("sent_count", 0))
+        acked = len(document.get("acks", []))
+        lines = [
+            f"quiesce: {name}: {acked} of {_plural(sent, 'backend')} acknowledged; "
+            "they drain and exit, the next Hello starts a fresh one"
+        ]
+        lines.extend(f"  timed out: {row.get('backend')}" for row in document.get("timeouts", []))
+        lines.extend(
+            f"  failed: {row.get('backend')}: {row.get('failure')} {row.get('detail', '')}".rstrip()
+            for row in document.get("failures", [])
+        )
+        return "\n".join(lines) + "\n"
+    rows = list(document.get("backends", []))
+    then = (
+        f"new Hellos are refused until `rpbroker restart {name}`"
+        if document.get("held")
+        else "the next Hello starts a fresh one"
+    )
+    lines = [f"{command}: {name}: {_plural(len(rows), 'backend')} stopped; {then}"]
+    for row in rows:
+        status = row.get("exit_status")
+        lines.append(
+            f"  {row.get('service_version')} pid {row.get('pid')} {row.get('state')}"
+            + ("" if status is None else f", exit status {status}")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _service_command(args: argparse.Namespace) -> int:
+    result = trio.run(
+        partial(
+            service_command,
+            _socket(args),
+            _SERVICE_COMMANDS[args.command],
+            args.service,
+            command_timeout_s=args.command_timeout,
+            timeout_s=args.timeout,
+        )
+    )
+    if result.outcome in (ServiceCommandOutcome.UNKNOWN_SERVICE, ServiceCommandOutcome.BAD_REQUEST):
+        print(f"rpbroker: {result.document.get('detail', result.outcome.name)}", file=sys.stderr)
+    elif args.json:
+        _write(json.dumps(result.document, indent=2, sort_keys=True))
+    else:
+        _write(service_command_text(args.command, result.document))
+    return _OUTCOME_EXIT.get(result.outcome, ExitStatus.NO)
+
+
+def output_line_text(line: Mapping[str, Any]) -> str:
+    """One kept backend line: time, version, pid, stream, then the text."""
+    cut = " [truncated]" if line.get("truncated") else ""
+    return (
+        f"{admin.iso_time(int(line.get('at_unix_ms', 0)))}  {line.get('service_version')} "
+        f"pid={line.get('pid')} {line.get('stream')}  {line.get('text')}{cut}"
+    )
+
+
+def _print_record(as_json: bool, record: StreamRecord) -> None:
+    if record.WhichOneof("record") == "event_json":
+        event = json.loads(record.event_json)
+        text = json.dumps(event, sort_keys=True) if as_json else admin.event_line(event)
+    else:
+        line = record.output_line
+        document = {
+            "service_name": line.service_name,
+            "service_version": line.service_version,
+            "pid": line.pid,
+            "stream": line.stream,
+            "text": line.text,
+            "at_unix_ms": line.at_unix_ms,
+            "truncated": line.truncated,
+        }
+        if record.dropped_before:
+            print(
+                f"rpbroker: {record.dropped_before} lines dropped (this reader fell behind)",
+                file=sys.stderr,
+                flush=True,
+            )
+        text = json.dumps(document, sort_keys=True) if as_json else output_line_text(document)
+    print(text, flush=True)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    source = StreamSource.EVENTS if args.command == "events" else StreamSource.BACKEND_OUTPUT
+    summary: StreamSummary = trio.run(
+        partial(
+            read_stream,
+            _socket(args),
+            source,
+            partial(_print_record, args.json),
+            service_name=getattr(args, "service", ""),
+            follow=args.follow,
+            timeout_s=args.timeout,
+        )
+    )
+    if summary.reason is None:
+        print("rpbroker: the broker closed the stream", file=sys.stderr)
+        return ExitStatus.NO
+    if summary.detail:
+        print(f"rpbroker: {summary.detail}", file=sys.stderr)
+    if summary.dropped:
+        print(f"rpbroker: {summary.dropped} records dropped in all", file=sys.stderr)
+    return _END_EXIT.get(summary.reason, ExitStatus.NO)
+
+
 # -- entry point -----------------------------------------------------------------------
 
 
@@ -674,6 +852,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _broadcast(args)
         if args.command == "check":
             return _check(args.services)
+        if args.command in _SERVICE_COMMANDS:
+            return _service_command(args)
+        if args.command in _STREAM_HELP:
+            return _stream(args)
         return _admin(args)
     except OPERATOR_ERRORS as exc:
         _report(exc)

@@ -230,6 +230,11 @@ class EventLog:
             sub._push(event)
         return event
 
+    @property
+    def subscriber_count(self) -> int:
+        """Subscriptions still open (a follower that left is no longer counted)."""
+        return len(self._subscribers)
+
     def recent(self) -> list[LifecycleEvent]:
         return list(self._recent)
 

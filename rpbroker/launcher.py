@@ -4,7 +4,8 @@ What this module does: defines the ``BackendLauncher`` protocol the supervisor
 calls to start one backend (a process-like handle plus a connected control
 channel), and ``ProcessLauncher``, the real one: a fresh control channel created
 before the spawn, the broker's environment plus the service's, and a child that
-dies with the broker (``transports.spawn_child``).
+dies with the broker (``transports.spawn_child``), its stdout and stderr piped to
+the broker (``process.output``; the incarnation reads them).
 
 What it does not do: wait for readiness, restart anything, or decide anything;
 the supervisor does. ``rpbroker.testing`` provides an in-process launcher with the
@@ -102,7 +103,9 @@ class ProcessLauncher:
         env.update(request.environment())
         env.setdefault("RPBROKER_PYTHON", sys.executable)
         try:
-            process = await transports.spawn_child(request.spec.argv(request.endpoint), env, child)
+            process = await transports.spawn_child(
+                request.spec.argv(request.endpoint), env, child, capture_output=True
+            )
         except BaseException:
             await channel.aclose()
             raise

@@ -351,6 +351,18 @@ class ChildControl(Protocol):
     def close(self) -> None: ...
 
 
+@attrs.frozen
+class ChildOutput:
+    """The broker's read ends of a child's stdout and stderr (``spawn_child(capture_output=True)``).
+
+    Whoever takes them must read them until end of file (a pipe nobody reads
+    blocks the child once full) and close them.
+    """
+
+    stdout: trio.abc.ReceiveStream
+    stderr: trio.abc.ReceiveStream
+
+
 class ChildProcess(Protocol):
     """A backend process spawned by ``spawn_child``.
 
@@ -366,6 +378,11 @@ class ChildProcess(Protocol):
 
     @property
     def returncode(self) -> int | None: ...
+
+    @property
+    def output(self) -> ChildOutput | None:
+        """Its captured stdout and stderr, or ``None`` (not captured, or not on this platform)."""
+        ...
 
     async def wait(self) -> int:
         """Wait for the child to exit and return its exit status.

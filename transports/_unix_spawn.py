@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from transports._interface import ChildControl, SpawnError
+from transports._interface import ChildControl, ChildOutput, SpawnError
 from transports._unix_control import UnixChildControl
 from transports._unix_fds import close_fd_quietly
 from transports._unix_reaper import GroupReaper, current_group_reaper
@@ -109,11 +109,62 @@ def _block_until_exited(popen: subprocess.Popen[bytes]) -> None:
         os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)
 
 
+class _OutputPipes:
+    """Two pipes for a child's stdout and stderr; each end is closed exactly once."""
+
+    def __init__(self, stdout: tuple[int, int], stderr: tuple[int, int]) -> None:
+        self.stdout_r, self.stdout_w = stdout
+        self.stderr_r, self.stderr_w = stderr
+        self._child_open = True
+        self._parent_open = True
+
+    @classmethod
+    def open(cls, program: str) -> _OutputPipes:
+        """Both pipes (close-on-exec; ``Popen`` dups the write ends onto 1 and 2)."""
+        try:
+            stdout = os.pipe()
+        except OSError as exc:
+            raise SpawnError(f"cannot create the output pipes for {program!r}: {exc}") from exc
+        try:
+            stderr = os.pipe()
+        except OSError as exc:
+            for fd in stdout:
+                close_fd_quietly(fd)
+            raise SpawnError(f"cannot create the output pipes for {program!r}: {exc}") from exc
+        return cls(stdout, stderr)
+
+    def close_child_ends(self) -> None:
+        if self._child_open:
+            self._child_open = False
+            close_fd_quietly(self.stdout_w)
+            close_fd_quietly(self.stderr_w)
+
+    def close_parent_ends(self) -> None:
+        if self._parent_open:
+            self._parent_open = False
+            close_fd_quietly(self.stdout_r)
+            close_fd_quietly(self.stderr_r)
+
+    def streams(self) -> ChildOutput:
+        """The read ends as non-blocking trio streams, which now own them."""
+        self._parent_open = False
+        return ChildOutput(
+            stdout=trio.lowlevel.FdStream(self.stdout_r),
+            stderr=trio.lowlevel.FdStream(self.stderr_r),
+        )
+
+
 class UnixChildProcess:
     """A spawned backend: the leader of its own process group (implements ``ChildProcess``)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], reaper: GroupReaper) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        reaper: GroupReaper,
+        output: ChildOutput | None = None,
+    ) -> None:
         self._popen = popen
+        self._output = output
         self._pgid = popen.pid  # start_new_session: the child leads its group
         self._reaper = reaper
         self._group_ended = False
@@ -135,6 +186,11 @@ class UnixChildProcess:
     def pid(self) -> int:
         """The child's pid (also its process group id)."""
         return self._popen.pid
+
+    @property
+    def output(self) -> ChildOutput | None:
+        """The read ends of its stdout and stderr pipes, if spawned with ``capture_output``."""
+        return self._output
 
     @property
     def returncode(self) -> int | None:
@@ -224,11 +280,14 @@ async def spawn_child(
     control: ChildControl,
     *,
     cwd: str | None = None,
+    capture_output: bool = False,
 ) -> UnixChildProcess:
     """Start ``argv`` as a backend that inherits the control channel ``control``.
 
     The child gets exactly ``env`` plus ``control.env`` as its environment, the
-    control descriptor and stdio (stdin is ``/dev/null``) and no other descriptor,
+    control descriptor and stdio (stdin is ``/dev/null``; with ``capture_output``
+    stdout and stderr are pipes whose read ends, as non-blocking trio streams, are
+    the process's ``output``, owned by the caller) and no other descriptor,
     its own session and process group, and on Linux a parent-death SIGKILL; its
     group is watched by the run's reaper (started here if none runs). The
     parent's copy of the child end is closed whatever happens. Raises
@@ -251,32 +310,43 @@ async def spawn_child(
         reaper.ensure_running()
         full_env = {**env, **control.env}
         preexec = _DieWithParent(os.getpid()) if sys.platform == "linux" else None
+        pipes = _OutputPipes.open(argv[0]) if capture_output else None
         try:
-            # Deliberately synchronous and in this thread (see the module docstring).
-            popen = subprocess.Popen(  # noqa: ASYNC220
-                list(argv),
-                env=full_env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(child_fd,),
-                close_fds=True,
-                start_new_session=True,
-                preexec_fn=preexec,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            reaper.stop_if_idle()
-            raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
-        try:
-            reaper.watch(popen.pid)
-        except SpawnError:
-            # Unprotected children are not handed out: kill and reap this one.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(popen.pid, signal.SIGKILL)  # unreaped: the id is still ours
-            popen.wait()
+            try:
+                # Deliberately synchronous and in this thread (see the module docstring).
+                popen = subprocess.Popen(  # noqa: ASYNC220
+                    list(argv),
+                    env=full_env,
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=None if pipes is None else pipes.stdout_w,
+                    stderr=None if pipes is None else pipes.stderr_w,
+                    pass_fds=(child_fd,),
+                    close_fds=True,
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                reaper.stop_if_idle()
+                raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from exc
+            finally:
+                if pipes is not None:
+                    pipes.close_child_ends()
+            try:
+                reaper.watch(popen.pid)
+            except SpawnError:
+                # Unprotected children are not handed out: kill and reap this one.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(popen.pid, signal.SIGKILL)  # unreaped: the id is still ours
+                popen.wait()
+                raise
+        except BaseException:
+            if pipes is not None:
+                pipes.close_parent_ends()
             raise
     finally:
         control.close()
-    child = UnixChildProcess(popen, reaper)
+    child = UnixChildProcess(popen, reaper, None if pipes is None else pipes.streams())
     control.channel.bind_child_pid(child.pid)
     await trio.lowlevel.cancel_shielded_checkpoint()
     return child

@@ -184,8 +184,12 @@ class WindowsTransport:
         control: ChildControl,
         *,
         cwd: str | None = None,
+        capture_output: bool = False,
     ) -> JobChildProcess:
         """Start a backend in a kill-on-close job (see ``_windows_process.spawn_job_child``).
+
+        ``capture_output`` is accepted and ignored: on Windows the backend inherits
+        the broker's stdout and stderr (its ``output`` is ``None``).
 
         Cancellation: if cancelled before the spawn, nothing is started (the
         control end is still closed); once the child exists the call completes.
@@ -315,9 +319,12 @@ async def spawn_child(
     control: ChildControl,
     *,
     cwd: str | None = None,
+    capture_output: bool = False,
 ) -> JobChildProcess:
     """Start a backend in a kill-on-close job. Cancellation: see ``WindowsTransport``."""
-    return await default_transport().spawn_child(argv, env, control, cwd=cwd)
+    return await default_transport().spawn_child(
+        argv, env, control, cwd=cwd, capture_output=capture_output
+    )
 
 
 def check_backend_endpoint_room(directory: os.PathLike[str] | str) -> None:

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from transports._interface import ChildControl, SpawnError
+from transports._interface import ChildControl, ChildOutput, SpawnError
 from transports._windows_api import (
     CREATE_NEW_PROCESS_GROUP,
     CTRL_BREAK_EVENT,
@@ -158,6 +158,11 @@ class JobChildProcess:
     def returncode(self) -> int | None:
         """The exit status once the child has exited (polls without blocking)."""
         return self._popen.poll()
+
+    @property
+    def output(self) -> ChildOutput | None:
+        """Always ``None``: on Windows a backend inherits the broker's stdout and stderr."""
+        return None
 
     async def wait(self) -> int:
         """Wait for the child to exit (Popen.wait on a worker thread) and return its status.

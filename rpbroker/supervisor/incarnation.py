@@ -72,6 +72,7 @@ from rpbroker.policy.lifecycle import (
 from rpbroker.services import ENDPOINT_TOKEN_HEX_DIGITS, ServiceSpec
 from rpbroker.supervisor import readiness
 from rpbroker.supervisor.link import BackendLink
+from rpbroker.supervisor.output import OutputCapture, OutputLog
 
 logger = logging.getLogger("rpbroker.supervisor")
 
@@ -128,6 +129,7 @@ class Incarnation:
         events: EventLog,
         launcher: BackendLauncher,
         owner: IncarnationOwner,
+        output_log: OutputLog | None = None,
     ) -> None:
         self.key = key
         self.spec = spec
@@ -159,6 +161,9 @@ class Incarnation:
         self._quiesce_reason: QuiesceReason | None = None
         self._timer: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self._output_log = output_log
+        #: Its captured stdout/stderr, when the launcher captured them.
+        self.output: OutputCapture | None = None
 
     def __repr__(self) -> str:
         return (
@@ -256,7 +261,10 @@ class Incarnation:
                 self._nursery.start_soon(self._healthy_after, self._config.recovery_window_s)
         else:
             self.spawn_failure = action.failure
-            self.spawn_failure_detail = action.detail
+            tail = self.stderr_tail()
+            self.spawn_failure_detail = (
+                f"{action.detail}; its stderr ended with:\n{tail}" if tail else action.detail
+            )
             self._owner.left_service(self)
         self.settled.set()
         self._owner.spawn_settled(self, action.failure is None)
@@ -288,6 +296,7 @@ class Incarnation:
                 reason=f"backend spawn failed: {outcome.detail}",
                 failure=outcome.failure.value,
                 status=outcome.status,
+                stderr_tail=self.stderr_tail(),
             )
         self._owner.ended(self, outcome)
 
@@ -344,9 +353,12 @@ class Incarnation:
             self.process = launched.process
             if launched.channel is not None:
                 self.link = BackendLink(launched.channel, self)
+            self._capture_output(launched.process)
             self.feed(Launched(launched.process.pid))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.output is not None:
+                    nursery.start_soon(self.output.run)
                 nursery.start_soon(self._watch_process, launched.process)
                 if self.link is not None:
                     nursery.start_soon(self.link.run)
@@ -361,7 +373,19 @@ class Incarnation:
 
     async def _watch_process(self, process: transports.ChildProcess) -> None:
         status = await process.wait()
+        if self.output is not None:
+            await self.output.wait_drained()  # its last words first (see stderr_tail)
         self.feed(ProcessExited(status))
+
+    def _capture_output(self, process: transports.ChildProcess) -> None:
+        if process.output is not None:
+            log = self._output_log if self._output_log is not None else OutputLog()
+            backend = log.open_backend(self.key.service_name, self.key.service_version, process.pid)
+            self.output = OutputCapture(process.output, backend)
+
+    def stderr_tail(self) -> str:
+        """The last lines of its stderr, bounded (empty when not captured)."""
+        return "" if self.output is None else self.output.backend.stderr_tail()
 
     async def _run_timers(self) -> None:
         """Feed ``TimerFired`` whenever the lifecycle's deadline passes, until it exits."""
@@ -392,6 +416,10 @@ class Incarnation:
                     self.feed(ProcessExited(-9))
         if self.link is not None:
             await self.link.aclose()
+        if self.output is not None:
+            await self.output.aclose()
+            if self._output_log is not None:
+                self._output_log.backend_ended(self.output.backend)
         _discard_endpoint(self.endpoint, foreign=self.spec.foreign is not None)
         self.ended.set()
 

@@ -23,6 +23,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, TypeVarTuple, Unpack
 
+import attrs
 import trio
 
 from rpbroker.config import BrokerConfig
@@ -47,7 +48,8 @@ from rpbroker.policy.spawn_budget import (
 )
 from rpbroker.services import ServiceSpec
 from rpbroker.supervisor import fanout
-from rpbroker.supervisor.incarnation import BackendKey, Incarnation
+from rpbroker.supervisor.incarnation import REAP_TIMEOUT_S, BackendKey, Incarnation
+from rpbroker.supervisor.output import OutputLog
 from rpbroker.wire.codes import RefusalCode
 
 logger = logging.getLogger("rpbroker.supervisor")
@@ -61,6 +63,26 @@ SPAWN_FAILED_RETRY_AFTER_MS: Final[int] = 1000
 SHUTTING_DOWN_RETRY_AFTER_MS: Final[int] = 1000
 
 SpawnHook = Callable[[BackendKey, SpawnOutcome], None]
+
+#: Slack on waiting for an operator-stopped backend to end, seconds, beyond its
+#: terminate grace and the reap bound: the exit is processed by its own task.
+STOP_WAIT_SLACK_S: Final[float] = 1.0
+
+
+@attrs.frozen
+class StoppedBackend:
+    """One backend an operator's ``stop``/``restart`` ended (or that outlived the wait)."""
+
+    service_version: str
+    instance: str
+    pid: int
+    #: Its STATUS state after the wait (``stopped``, ``crashed``, ``failed``, or
+    #: ``stopping`` if it had not ended yet).
+    state: str
+    exit_status: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
 
 
 class BackendRegistry:
@@ -104,6 +126,10 @@ class BackendRegistry:
         self._dying: dict[BackendKey, Incarnation] = {}
         #: Incarnations started per key so far (a retry is only for the one that crashed).
         self._starts: dict[BackendKey, int] = {}
+        #: Services an operator stopped: Hellos are refused until a restart.
+        self._held: set[str] = set()
+        #: Every backend's captured output (``rpbroker logs``).
+        self.output = OutputLog()
         self._idle: IdleTracker[Incarnation] = IdleTracker()
         self._idle_changed = trio.Event()
         self._stopping = False
@@ -202,6 +228,13 @@ class BackendRegistry:
                     "broker is shutting down",
                     SHUTTING_DOWN_RETRY_AFTER_MS,
                 )
+            if key.service_name in self._held:
+                await trio.lowlevel.checkpoint()
+                return Refusal(
+                    RefusalCode.BACKEND_SPAWN_FAILED,
+                    f"service {key.service_name!r} was stopped by an operator; "
+                    f"`rpbroker restart {key.service_name}` starts it again",
+                )
             dying = self._dying.get(key)
             if dying is not None:
                 await dying.exited.wait()
@@ -255,6 +288,7 @@ class BackendRegistry:
             events=self._events,
             launcher=self._launcher,
             owner=self,
+            output_log=self.output,
         )
         self._current[key] = incarnation
         self._live[incarnation] = None
@@ -350,8 +384,8 @@ class BackendRegistry:
         Cancellation: nothing is started when cancelled during the back-off.
         """
         await trio.sleep(delay_s)
-        if self._stopping or self._starts.get(key) != starts:
-            return  # a Hello already started one, or the broker is stopping
+        if self._stopping or self._starts.get(key) != starts or key.service_name in self._held:
+            return  # a Hello already started one, an operator stopped it, or the broker stops
         self._start(key, spec)  # not budgeted: the recovery policy bounds retries
 
     def _emit_key(
@@ -503,3 +537,69 @@ class BackendRegistry:
     def of_service(self, service_name: str) -> list[Incarnation]:
         """Live incarnations of ``service_name`` (every version and instance)."""
         return [i for i in self if i.key.service_name == service_name]
+
+    def is_held(self, service_name: str) -> bool:
+        """Whether an operator stopped ``service_name`` (Hellos refused until a restart)."""
+        return service_name in self._held
+
+    async def stop_service(self, service_name: str, grace_s: float) -> list[StoppedBackend]:
+        """Stop every backend of ``service_name`` and refuse its Hellos until a restart.
+
+        Each backend gets SIGTERM (to its group) at once and SIGKILL ``grace_s``
+        later if still alive; one that is starting is killed. Its exit is an
+        operator's stop, not a crash: no recovery retry follows. Waits until they
+        have ended, bounded by the grace plus the reap bound.
+
+        Cancellation: stops waiting; the stop goes on.
+        """
+        self._held.add(service_name)
+        targets = self.of_service(service_name)
+        for incarnation in targets:
+            incarnation.stop(StopCause.REQUESTED, grace_s=grace_s)
+        with trio.move_on_after(grace_s + REAP_TIMEOUT_S + STOP_WAIT_SLACK_S):
+            for incarnation in targets:
+                await incarnation.ended.wait()
+        await trio.lowlevel.checkpoint()
+        return [
+            StoppedBackend(
+                service_version=i.key.service_version,
+                instance=i.key.instance,
+                pid=i.pid,
+                state=i.status,
+                exit_status=None if i.process is None else i.process.returncode,
+            )
+            for i in targets
+        ]
+
+    async def restart_service(self, service_name: str, grace_s: float) -> list[StoppedBackend]:
+        """``stop_service``, then let the next Hello start a fresh backend.
+
+        The fresh backend uses the service's definition as it is then (an edited
+        definition takes effect), and the service's crash record is forgotten, so
+        a service marked unavailable after crashes is tried again at once.
+
+        Cancellation: stops waiting; the stop goes on and the service stays held
+        until a restart completes.
+        """
+        stopped = await self.stop_service(service_name, grace_s)
+        self._held.discard(service_name)
+        for key in [k for k in self._crashed | self._unavailable if k.service_name == service_name]:
+            self._crashed.discard(key)
+            self._unavailable.discard(key)
+            self._recovery.record_success(key)
+        return stopped
+
+    async def quiesce_service(
+        self, service_name: str, *, ack_timeout_s: float | None = None
+    ) -> BroadcastResult[Incarnation]:
+        """Quiesce (maintenance) the backends of ``service_name`` only; they drain and exit.
+
+        They leave service at once, so the next Hello starts a fresh backend.
+
+        Cancellation: abandons the outstanding ACK waits (see ``broadcast``).
+        """
+        return await self.broadcast(
+            Quiesce(QuiesceReason.MAINTENANCE),
+            ack_timeout_s=ack_timeout_s,
+            targets=self.of_service(service_name),
+        )

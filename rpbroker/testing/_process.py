@@ -65,6 +65,11 @@ class FakeProcess:
         return self._returncode
 
     @property
+    def output(self) -> transports.ChildOutput | None:
+        """Always ``None``: a fake backend writes no output."""
+        return None
+
+    @property
     def alive(self) -> bool:
         return self._returncode is None
 

@@ -30,6 +30,7 @@ from rpbroker.wire._pb.broker_v1_pb2 import (
 )
 from rpbroker.wire._pb.rpbroker_lifecycle_pb2 import (
     BackendActivity,
+    BackendOutputLine,
     BackendReady,
     BroadcastAck,
     BroadcastCommand,
@@ -38,6 +39,11 @@ from rpbroker.wire._pb.rpbroker_lifecycle_pb2 import (
     LifecycleMessage,
     Quiesce,
     ReleaseHandles,
+    ServiceCommandReport,
+    ServiceCommandRequest,
+    StreamEnd,
+    StreamRecord,
+    StreamRequest,
 )
 from rpbroker.wire.codes import (
     FRAMING_VERSION,
@@ -133,6 +139,7 @@ __all__ = [
     "ServiceDefinition",
     # messages (rpbroker.lifecycle.v1)
     "BackendActivity",
+    "BackendOutputLine",
     "BackendReady",
     "BroadcastAck",
     "BroadcastCommand",
@@ -141,6 +148,11 @@ __all__ = [
     "LifecycleMessage",
     "Quiesce",
     "ReleaseHandles",
+    "ServiceCommandReport",
+    "ServiceCommandRequest",
+    "StreamEnd",
+    "StreamRecord",
+    "StreamRequest",
     # codes
     "FRAMING_VERSION",
     "PROTOCOL_VERSION",

@@ -2,8 +2,9 @@
 
 What this module does: gives every numeric code that crosses the wire a typed
 name (frame kinds, payload encodings, refusal codes, capability bits, admin verbs
-and reply kinds, broker isolation, lifecycle event kinds) plus the two enums of
-rpbroker's private lifecycle lane (quiesce reason, broadcast ack status). The v1
+and reply kinds, broker isolation, lifecycle event kinds) plus the enums of
+rpbroker's private lifecycle lane (quiesce reason, broadcast ack status, service
+commands and their outcome, operator streams and how they end). The v1
 values are frozen by the v1 schema (facts §9, §11); the generated protobuf classes
 carry the same numbers, and tests/wire checks that they agree.
 
@@ -164,3 +165,41 @@ class BroadcastAckStatus(enum.IntEnum):
     UNSUPPORTED_OPERATION = 2
     REJECTED = 3
     BACKEND_ERROR = 4
+
+
+class ServiceCommand(enum.IntEnum):
+    """``ServiceCommandRequest.command`` (lifecycle lane): what to do to one service."""
+
+    UNSPECIFIED = 0
+    STOP = 1
+    RESTART = 2
+    QUIESCE = 3
+
+
+class ServiceCommandOutcome(enum.IntEnum):
+    """``ServiceCommandReport.outcome`` (lifecycle lane)."""
+
+    UNSPECIFIED = 0
+    DONE = 1
+    UNKNOWN_SERVICE = 2
+    INCOMPLETE = 3
+    BAD_REQUEST = 4
+
+
+class StreamSource(enum.IntEnum):
+    """``StreamRequest.source`` (lifecycle lane): what an operator stream carries."""
+
+    UNSPECIFIED = 0
+    EVENTS = 1
+    BACKEND_OUTPUT = 2
+
+
+class StreamEndReason(enum.IntEnum):
+    """``StreamEnd.reason`` (lifecycle lane): why an operator stream ended."""
+
+    UNSPECIFIED = 0
+    HISTORY_SENT = 1
+    BROKER_STOPPING = 2
+    UNKNOWN_SERVICE = 3
+    BAD_REQUEST = 4
+    TOO_SLOW = 5

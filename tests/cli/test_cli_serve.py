@@ -139,7 +139,7 @@ async def test_log_lines_are_key_value_text(workspace: Workspace) -> None:
             served = await start_serve(nursery, *serve_args(workspace, "--log-level", "InFo"))
             async with rpbroker.connect("echo", "1.0.0", broker=workspace.socket) as stream:
                 assert await round_trip(stream, b"x") == b"x"
-            await served.wait_for_line("logger=echo")
+            await served.wait_for_line("connection opened")
             served.process.send_signal(signal.SIGTERM)
             assert await served.process.wait() == 0
             nursery.cancel_scope.cancel()
@@ -149,14 +149,22 @@ async def test_log_lines_are_key_value_text(workspace: Workspace) -> None:
     assert running["logger"] == "rpbroker.events"
     assert (running["service"], running["version"]) == ("echo", "1.0.0")
     assert running["pid"].isdigit()
-    # The backend (run_backend) logs in the broker's format, saying which backend it is.
-    backend = next(p for p in parsed if p["logger"] == "echo")
+    # The backend (run_backend) logs in the broker's format, saying which backend it
+    # is; the broker captures its stderr and logs each line, saying whose it is.
+    captured = [p for p in parsed if p["logger"] == "rpbroker.backend"]
+    assert all(
+        (p["service"], p["version"], p["pid"], p["level"])
+        == ("echo", "1.0.0", running["pid"], "info")
+        for p in captured
+    )
+    backend = next(parse_logfmt(p["line"]) for p in captured if "logger=echo" in p["line"])
     assert (backend["msg"], backend["backend"], backend["level"]) == (
         "connection opened",
         "echo",
         "info",
     )
     assert backend["backend_pid"] == running["pid"]
+    assert next(p for p in captured if "logger=echo" in p["line"])["stream"] == "stderr"
 
 
 async def test_log_format_json_is_one_typed_object_per_line(workspace: Workspace) -> None:
@@ -168,7 +176,7 @@ async def test_log_format_json_is_one_typed_object_per_line(workspace: Workspace
             )
             async with rpbroker.connect("echo", "1.0.0", broker=workspace.socket) as stream:
                 assert await round_trip(stream, b"x") == b"x"
-            await served.wait_for_line('"logger": "echo"')
+            await served.wait_for_line('\\"logger\\": \\"echo\\"')
             served.process.send_signal(signal.SIGTERM)
             assert await served.process.wait() == 0
             nursery.cancel_scope.cancel()
@@ -178,7 +186,11 @@ async def test_log_format_json_is_one_typed_object_per_line(workspace: Workspace
     assert serving["socket"] == workspace.socket and serving["pid"] == served.process.pid
     running = next(r for r in records if r.get("event") == "running")
     assert isinstance(running["pid"], int)
-    backend = next(r for r in records if r["logger"] == "echo")
+    captured = next(
+        r for r in records if r["logger"] == "rpbroker.backend" and '"logger": "echo"' in r["line"]
+    )
+    assert (captured["service"], captured["pid"]) == ("echo", running["pid"])
+    backend = json.loads(captured["line"])
     assert backend["backend_pid"] == running["pid"]
     assert records[-1]["msg"] == "stopped" and records[-1]["forced"] is False
 

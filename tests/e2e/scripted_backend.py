@@ -3,6 +3,11 @@
 ``RPB_TEST_MODE`` selects it:
 - ``echo``: the real SDK with an echo handler (the default);
 - ``exit-before-ready``: exits with status 3 before reporting ready;
+- ``traceback-before-ready``: writes a line to stdout, then dies of an uncaught
+  ``RuntimeError`` (a traceback on stderr) before reporting ready;
+- ``noisy``: the SDK echo backend, after writing a line to each stream, a line of
+  ``NOISY_LONG_LINE_BYTES`` bytes, a last partial line, and ``NOISY_FLOOD_BYTES``
+  of newline-free output (far more than a pipe holds) to stdout;
 - ``crash-after-ready``: reports ready through the SDK, then exits with a failure
   status (trio wraps the ``SystemExit(4)`` in an exception group, so it is 1);
 - ``reject``: raw control loop; refuses every offer (tells the client, ACKs false);
@@ -37,6 +42,9 @@ from rpbroker.policy.broadcast import Quiesce
 from rpbroker.wire.framing import MAX_FRAME_BYTES
 
 MODE = os.environ.get("RPB_TEST_MODE", "echo")
+#: ``noisy``: bytes of the over-long line, and of the newline-free flood.
+NOISY_LONG_LINE_BYTES = 10_000
+NOISY_FLOOD_BYTES = 2_000_000
 COUNTER = os.environ.get("RPB_TEST_COUNTER")
 
 
@@ -164,9 +172,26 @@ RELEASE_HOOKS = {
 }
 
 
+def noisy() -> None:
+    print("hello from stdout", flush=True)
+    print("hello from stderr", file=sys.stderr, flush=True)
+    print("L" * NOISY_LONG_LINE_BYTES, file=sys.stderr, flush=True)
+    print("after the long line", file=sys.stderr, flush=True)
+    sys.stdout.write("F" * NOISY_FLOOD_BYTES)
+    sys.stdout.write("\nflood done\n")
+    sys.stdout.flush()
+
+
 def main() -> None:
     if MODE == "exit-before-ready":
         sys.exit(3)
+    if MODE == "traceback-before-ready":
+        print("loading the configuration", flush=True)
+        raise RuntimeError("configuration file /nonexistent/app.toml is missing")
+    if MODE == "noisy":
+        noisy()
+        trio.run(serve_backend, echo)
+        return
     if MODE == "crash-after-ready":
 
         async def crash_after_ready() -> None:

@@ -238,6 +238,34 @@ GOLDEN: list[tuple[Message, str]] = [
     ),
     (wire.BackendActivity(open_connections=1), "0801"),
     (wire.BroadcastReport(json="[]"), "0a025b5d"),
+    (
+        wire.ServiceCommandRequest(
+            service_name="echo", command=lc.SERVICE_COMMAND_STOP, timeout_ms=5
+        ),
+        "0a04 6563686f 1001 1805",
+    ),
+    (
+        wire.ServiceCommandReport(outcome=lc.SERVICE_COMMAND_OUTCOME_DONE, json="{}"),
+        "0801 1202 7b7d",
+    ),
+    (
+        wire.StreamRequest(
+            source=lc.STREAM_SOURCE_BACKEND_OUTPUT, service_name="echo", follow=True
+        ),
+        "0802 1204 6563686f 1801",
+    ),
+    (
+        wire.StreamRecord(
+            output_line=wire.BackendOutputLine(pid=7, stream="stderr", truncated=True),
+            dropped_before=2,
+        ),
+        "120c 1807 2206 737464657272 3801 1802",
+    ),
+    (wire.BackendOutputLine(text="a"), "2a0161"),
+    (
+        wire.StreamEnd(reason=lc.STREAM_END_REASON_HISTORY_SENT, dropped=3, detail="x"),
+        "0801 1003 1a0178",
+    ),
 ]
 
 
@@ -263,7 +291,7 @@ def test_every_exported_message_type_has_a_golden_round_trip() -> None:
         if isinstance(getattr(wire, name), type) and issubclass(getattr(wire, name), Message)
     }
     assert exported == covered
-    assert len(exported) == 22
+    assert len(exported) == 28
 
 
 def test_hello_with_trailing_unknown_field_21_decodes_equal() -> None:
@@ -483,6 +511,11 @@ LIFECYCLE_FIELDS: dict[str, dict[int, tuple[str, str]]] = {
         4: ("broadcast_ack", "BroadcastAck"),
         5: ("broadcast_request", "BroadcastRequest"),
         6: ("broadcast_report", "BroadcastReport"),
+        7: ("service_command", "ServiceCommandRequest"),
+        8: ("service_command_report", "ServiceCommandReport"),
+        9: ("stream_request", "StreamRequest"),
+        10: ("stream_record", "StreamRecord"),
+        11: ("stream_end", "StreamEnd"),
     },
     "BackendReady": {
         1: ("backend_pipe", "string"),
@@ -511,6 +544,36 @@ LIFECYCLE_FIELDS: dict[str, dict[int, tuple[str, str]]] = {
         3: ("ack_timeout_ms", "uint64"),
     },
     "BroadcastReport": {1: ("json", "string")},
+    "ServiceCommandRequest": {
+        1: ("service_name", "string"),
+        2: ("command", "ServiceCommand"),
+        3: ("timeout_ms", "uint64"),
+    },
+    "ServiceCommandReport": {1: ("outcome", "ServiceCommandOutcome"), 2: ("json", "string")},
+    "StreamRequest": {
+        1: ("source", "StreamSource"),
+        2: ("service_name", "string"),
+        3: ("follow", "bool"),
+    },
+    "StreamRecord": {
+        1: ("event_json", "string"),
+        2: ("output_line", "BackendOutputLine"),
+        3: ("dropped_before", "uint64"),
+    },
+    "BackendOutputLine": {
+        1: ("service_name", "string"),
+        2: ("service_version", "string"),
+        3: ("pid", "uint32"),
+        4: ("stream", "string"),
+        5: ("text", "string"),
+        6: ("at_unix_ms", "uint64"),
+        7: ("truncated", "bool"),
+    },
+    "StreamEnd": {
+        1: ("reason", "StreamEndReason"),
+        2: ("dropped", "uint64"),
+        3: ("detail", "string"),
+    },
 }
 
 
@@ -524,7 +587,7 @@ def test_oneofs_group_the_right_fields() -> None:
         "negotiated",
         "refused",
     ]
-    assert len(lc.LifecycleMessage.DESCRIPTOR.oneofs_by_name["body"].fields) == 6
+    assert len(lc.LifecycleMessage.DESCRIPTOR.oneofs_by_name["body"].fields) == 11
     for name in ("BroadcastCommand", "BroadcastRequest"):
         oneof = lc.DESCRIPTOR.message_types_by_name[name].oneofs_by_name["operation"]
         assert [f.name for f in oneof.fields] == ["release_handles", "quiesce"]
@@ -588,6 +651,10 @@ ENUM_PAIRS: list[tuple[Any, type[Any]]] = [
     (v1.EventKind, codes.EventKind),
     (lc.QuiesceReason, codes.QuiesceReason),
     (lc.BroadcastAckStatus, codes.BroadcastAckStatus),
+    (lc.ServiceCommand, codes.ServiceCommand),
+    (lc.ServiceCommandOutcome, codes.ServiceCommandOutcome),
+    (lc.StreamSource, codes.StreamSource),
+    (lc.StreamEndReason, codes.StreamEndReason),
 ]
 
 

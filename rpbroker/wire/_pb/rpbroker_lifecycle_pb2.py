@@ -24,33 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rpbroker_lifecycle.proto\x12\x15rpbroker.lifecycle.v1\"\x92\x03\n\x10LifecycleMessage\x12\x34\n\x05ready\x18\x01 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BackendReadyH\x00\x12:\n\x08\x61\x63tivity\x18\x02 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BackendActivityH\x00\x12<\n\tbroadcast\x18\x03 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastCommandH\x00\x12<\n\rbroadcast_ack\x18\x04 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BroadcastAckH\x00\x12\x44\n\x11\x62roadcast_request\x18\x05 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastRequestH\x00\x12\x42\n\x10\x62roadcast_report\x18\x06 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BroadcastReportH\x00\x42\x06\n\x04\x62ody\"`\n\x0c\x42\x61\x63kendReady\x12\x14\n\x0c\x62\x61\x63kend_pipe\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x14\n\x0cservice_name\x18\x03 \x01(\t\x12\x17\n\x0fservice_version\x18\x04 \x01(\t\"J\n\x0f\x42\x61\x63kendActivity\x12\x18\n\x10open_connections\x18\x01 \x01(\r\x12\x1d\n\x15\x63ompleted_connections\x18\x02 \x01(\x04\"\xdd\x01\n\x10\x42roadcastCommand\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12@\n\x0frelease_handles\x18\x02 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x03 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x19\n\x11\x64rain_deadline_ms\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x05 \x01(\x04\x42\x0b\n\toperation\"%\n\x0eReleaseHandles\x12\x13\n\x0bpath_prefix\x18\x01 \x01(\t\"?\n\x07Quiesce\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.rpbroker.lifecycle.v1.QuiesceReason\"o\n\x0c\x42roadcastAck\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).rpbroker.lifecycle.v1.BroadcastAckStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xac\x01\n\x10\x42roadcastRequest\x12@\n\x0frelease_handles\x18\x01 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x02 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x03 \x01(\x04\x42\x0b\n\toperation\"\x1f\n\x0f\x42roadcastReport\x12\x0c\n\x04json\x18\x01 \x01(\t*\x94\x01\n\rQuiesceReason\x12\x1e\n\x1aQUIESCE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bQUIESCE_REASON_IDLE_TIMEOUT\x10\x01\x12\"\n\x1eQUIESCE_REASON_BROKER_SHUTDOWN\x10\x02\x12\x1e\n\x1aQUIESCE_REASON_MAINTENANCE\x10\x03*\xd5\x01\n\x12\x42roadcastAckStatus\x12$\n BROADCAST_ACK_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42ROADCAST_ACK_STATUS_ACKED\x10\x01\x12.\n*BROADCAST_ACK_STATUS_UNSUPPORTED_OPERATION\x10\x02\x12!\n\x1d\x42ROADCAST_ACK_STATUS_REJECTED\x10\x03\x12&\n\"BROADCAST_ACK_STATUS_BACKEND_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rpbroker_lifecycle.proto\x12\x15rpbroker.lifecycle.v1\"\xe0\x05\n\x10LifecycleMessage\x12\x34\n\x05ready\x18\x01 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BackendReadyH\x00\x12:\n\x08\x61\x63tivity\x18\x02 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BackendActivityH\x00\x12<\n\tbroadcast\x18\x03 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastCommandH\x00\x12<\n\rbroadcast_ack\x18\x04 \x01(\x0b\x32#.rpbroker.lifecycle.v1.BroadcastAckH\x00\x12\x44\n\x11\x62roadcast_request\x18\x05 \x01(\x0b\x32\'.rpbroker.lifecycle.v1.BroadcastRequestH\x00\x12\x42\n\x10\x62roadcast_report\x18\x06 \x01(\x0b\x32&.rpbroker.lifecycle.v1.BroadcastReportH\x00\x12G\n\x0fservice_command\x18\x07 \x01(\x0b\x32,.rpbroker.lifecycle.v1.ServiceCommandRequestH\x00\x12M\n\x16service_command_report\x18\x08 \x01(\x0b\x32+.rpbroker.lifecycle.v1.ServiceCommandReportH\x00\x12>\n\x0estream_request\x18\t \x01(\x0b\x32$.rpbroker.lifecycle.v1.StreamRequestH\x00\x12<\n\rstream_record\x18\n \x01(\x0b\x32#.rpbroker.lifecycle.v1.StreamRecordH\x00\x12\x36\n\nstream_end\x18\x0b \x01(\x0b\x32 .rpbroker.lifecycle.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"`\n\x0c\x42\x61\x63kendReady\x12\x14\n\x0c\x62\x61\x63kend_pipe\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x14\n\x0cservice_name\x18\x03 \x01(\t\x12\x17\n\x0fservice_version\x18\x04 \x01(\t\"J\n\x0f\x42\x61\x63kendActivity\x12\x18\n\x10open_connections\x18\x01 \x01(\r\x12\x1d\n\x15\x63ompleted_connections\x18\x02 \x01(\x04\"\xdd\x01\n\x10\x42roadcastCommand\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12@\n\x0frelease_handles\x18\x02 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x03 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x19\n\x11\x64rain_deadline_ms\x18\x04 \x01(\x04\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x05 \x01(\x04\x42\x0b\n\toperation\"%\n\x0eReleaseHandles\x12\x13\n\x0bpath_prefix\x18\x01 \x01(\t\"?\n\x07Quiesce\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.rpbroker.lifecycle.v1.QuiesceReason\"o\n\x0c\x42roadcastAck\x12\x14\n\x0coperation_id\x18\x01 \x01(\x04\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).rpbroker.lifecycle.v1.BroadcastAckStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xac\x01\n\x10\x42roadcastRequest\x12@\n\x0frelease_handles\x18\x01 \x01(\x0b\x32%.rpbroker.lifecycle.v1.ReleaseHandlesH\x00\x12\x31\n\x07quiesce\x18\x02 \x01(\x0b\x32\x1e.rpbroker.lifecycle.v1.QuiesceH\x00\x12\x16\n\x0e\x61\x63k_timeout_ms\x18\x03 \x01(\x04\x42\x0b\n\toperation\"\x1f\n\x0f\x42roadcastReport\x12\x0c\n\x04json\x18\x01 \x01(\t\"y\n\x15ServiceCommandRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x36\n\x07\x63ommand\x18\x02 \x01(\x0e\x32%.rpbroker.lifecycle.v1.ServiceCommand\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x04\"c\n\x14ServiceCommandReport\x12=\n\x07outcome\x18\x01 \x01(\x0e\x32,.rpbroker.lifecycle.v1.ServiceCommandOutcome\x12\x0c\n\x04json\x18\x02 \x01(\t\"j\n\rStreamRequest\x12\x33\n\x06source\x18\x01 \x01(\x0e\x32#.rpbroker.lifecycle.v1.StreamSource\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"\x87\x01\n\x0cStreamRecord\x12\x14\n\nevent_json\x18\x01 \x01(\tH\x00\x12?\n\x0boutput_line\x18\x02 \x01(\x0b\x32(.rpbroker.lifecycle.v1.BackendOutputLineH\x00\x12\x16\n\x0e\x64ropped_before\x18\x03 \x01(\x04\x42\x08\n\x06record\"\x94\x01\n\x11\x42\x61\x63kendOutputLine\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x17\n\x0fservice_version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0e\n\x06stream\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x12\n\nat_unix_ms\x18\x06 \x01(\x04\x12\x11\n\ttruncated\x18\x07 \x01(\x08\"d\n\tStreamEnd\x12\x36\n\x06reason\x18\x01 \x01(\x0e\x32&.rpbroker.lifecycle.v1.StreamEndReason\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*\x94\x01\n\rQuiesceReason\x12\x1e\n\x1aQUIESCE_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bQUIESCE_REASON_IDLE_TIMEOUT\x10\x01\x12\"\n\x1eQUIESCE_REASON_BROKER_SHUTDOWN\x10\x02\x12\x1e\n\x1aQUIESCE_REASON_MAINTENANCE\x10\x03*\xd5\x01\n\x12\x42roadcastAckStatus\x12$\n BROADCAST_ACK_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x42ROADCAST_ACK_STATUS_ACKED\x10\x01\x12.\n*BROADCAST_ACK_STATUS_UNSUPPORTED_OPERATION\x10\x02\x12!\n\x1d\x42ROADCAST_ACK_STATUS_REJECTED\x10\x03\x12&\n\"BROADCAST_ACK_STATUS_BACKEND_ERROR\x10\x04*\x85\x01\n\x0eServiceCommand\x12\x1f\n\x1bSERVICE_COMMAND_UNSPECIFIED\x10\x00\x12\x18\n\x14SERVICE_COMMAND_STOP\x10\x01\x12\x1b\n\x17SERVICE_COMMAND_RESTART\x10\x02\x12\x1b\n\x17SERVICE_COMMAND_QUIESCE\x10\x03*\xe0\x01\n\x15ServiceCommandOutcome\x12\'\n#SERVICE_COMMAND_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1cSERVICE_COMMAND_OUTCOME_DONE\x10\x01\x12+\n\'SERVICE_COMMAND_OUTCOME_UNKNOWN_SERVICE\x10\x02\x12&\n\"SERVICE_COMMAND_OUTCOME_INCOMPLETE\x10\x03\x12\'\n#SERVICE_COMMAND_OUTCOME_BAD_REQUEST\x10\x04*i\n\x0cStreamSource\x12\x1d\n\x19STREAM_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_SOURCE_EVENTS\x10\x01\x12 \n\x1cSTREAM_SOURCE_BACKEND_OUTPUT\x10\x02*\xe9\x01\n\x0fStreamEndReason\x12!\n\x1dSTREAM_END_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eSTREAM_END_REASON_HISTORY_SENT\x10\x01\x12%\n!STREAM_END_REASON_BROKER_STOPPING\x10\x02\x12%\n!STREAM_END_REASON_UNKNOWN_SERVICE\x10\x03\x12!\n\x1dSTREAM_END_REASON_BAD_REQUEST\x10\x04\x12\x1e\n\x1aSTREAM_END_REASON_TOO_SLOW\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rpbroker_lifecycle_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUIESCEREASON']._serialized_start=1280
-  _globals['_QUIESCEREASON']._serialized_end=1428
-  _globals['_BROADCASTACKSTATUS']._serialized_start=1431
-  _globals['_BROADCASTACKSTATUS']._serialized_end=1644
+  _globals['_QUIESCEREASON']._serialized_start=2337
+  _globals['_QUIESCEREASON']._serialized_end=2485
+  _globals['_BROADCASTACKSTATUS']._serialized_start=2488
+  _globals['_BROADCASTACKSTATUS']._serialized_end=2701
+  _globals['_SERVICECOMMAND']._serialized_start=2704
+  _globals['_SERVICECOMMAND']._serialized_end=2837
+  _globals['_SERVICECOMMANDOUTCOME']._serialized_start=2840
+  _globals['_SERVICECOMMANDOUTCOME']._serialized_end=3064
+  _globals['_STREAMSOURCE']._serialized_start=3066
+  _globals['_STREAMSOURCE']._serialized_end=3171
+  _globals['_STREAMENDREASON']._serialized_start=3174
+  _globals['_STREAMENDREASON']._serialized_end=3407
   _globals['_LIFECYCLEMESSAGE']._serialized_start=52
-  _globals['_LIFECYCLEMESSAGE']._serialized_end=454
-  _globals['_BACKENDREADY']._serialized_start=456
-  _globals['_BACKENDREADY']._serialized_end=552
-  _globals['_BACKENDACTIVITY']._serialized_start=554
-  _globals['_BACKENDACTIVITY']._serialized_end=628
-  _globals['_BROADCASTCOMMAND']._serialized_start=631
-  _globals['_BROADCASTCOMMAND']._serialized_end=852
-  _globals['_RELEASEHANDLES']._serialized_start=854
-  _globals['_RELEASEHANDLES']._serialized_end=891
-  _globals['_QUIESCE']._serialized_start=893
-  _globals['_QUIESCE']._serialized_end=956
-  _globals['_BROADCASTACK']._serialized_start=958
-  _globals['_BROADCASTACK']._serialized_end=1069
-  _globals['_BROADCASTREQUEST']._serialized_start=1072
-  _globals['_BROADCASTREQUEST']._serialized_end=1244
-  _globals['_BROADCASTREPORT']._serialized_start=1246
-  _globals['_BROADCASTREPORT']._serialized_end=1277
+  _globals['_LIFECYCLEMESSAGE']._serialized_end=788
+  _globals['_BACKENDREADY']._serialized_start=790
+  _globals['_BACKENDREADY']._serialized_end=886
+  _globals['_BACKENDACTIVITY']._serialized_start=888
+  _globals['_BACKENDACTIVITY']._serialized_end=962
+  _globals['_BROADCASTCOMMAND']._serialized_start=965
+  _globals['_BROADCASTCOMMAND']._serialized_end=1186
+  _globals['_RELEASEHANDLES']._serialized_start=1188
+  _globals['_RELEASEHANDLES']._serialized_end=1225
+  _globals['_QUIESCE']._serialized_start=1227
+  _globals['_QUIESCE']._serialized_end=1290
+  _globals['_BROADCASTACK']._serialized_start=1292
+  _globals['_BROADCASTACK']._serialized_end=1403
+  _globals['_BROADCASTREQUEST']._serialized_start=1406
+  _globals['_BROADCASTREQUEST']._serialized_end=1578
+  _globals['_BROADCASTREPORT']._serialized_start=1580
+  _globals['_BROADCASTREPORT']._serialized_end=1611
+  _globals['_SERVICECOMMANDREQUEST']._serialized_start=1613
+  _globals['_SERVICECOMMANDREQUEST']._serialized_end=1734
+  _globals['_SERVICECOMMANDREPORT']._serialized_start=1736
+  _globals['_SERVICECOMMANDREPORT']._serialized_end=1835
+  _globals['_STREAMREQUEST']._serialized_start=1837
+  _globals['_STREAMREQUEST']._serialized_end=1943
+  _globals['_STREAMRECORD']._serialized_start=1946
+  _globals['_STREAMRECORD']._serialized_end=2081
+  _globals['_BACKENDOUTPUTLINE']._serialized_start=2084
+  _globals['_BACKENDOUTPUTLINE']._serialized_end=2232
+  _globals['_STREAMEND']._serialized_start=2234
+  _globals['_STREAMEND']._serialized_end=2334
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,9 @@ rpbroker's private lifecycle-control lane (payload protocol 0xF1C0).
 What this file is: the messages a backend and the broker exchange on the
 backend's control connection: readiness, activity counts, and broadcast
 operations (release handles under a path, quiesce) with their acks, plus
-the admin-side request that starts a broadcast and the report it returns.
+the operator's requests on the broker socket: a broadcast and its report,
+a command for one service (stop, restart, quiesce) and its report, and the
+event and backend-output streams (records, then one end record).
 0xF1C0 sits in the private-use range 0xF000-0xFFFF, so no running-process
 peer will ever send these.
 
@@ -70,6 +72,98 @@ BROADCAST_ACK_STATUS_REJECTED: BroadcastAckStatus.ValueType  # 3
 BROADCAST_ACK_STATUS_BACKEND_ERROR: BroadcastAckStatus.ValueType  # 4
 Global___BroadcastAckStatus: _TypeAlias = BroadcastAckStatus  # noqa: Y015
 
+class _ServiceCommand:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceCommand.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_COMMAND_UNSPECIFIED: _ServiceCommand.ValueType  # 0
+    SERVICE_COMMAND_STOP: _ServiceCommand.ValueType  # 1
+    SERVICE_COMMAND_RESTART: _ServiceCommand.ValueType  # 2
+    SERVICE_COMMAND_QUIESCE: _ServiceCommand.ValueType  # 3
+
+class ServiceCommand(_ServiceCommand, metaclass=_ServiceCommandEnumTypeWrapper): ...
+
+SERVICE_COMMAND_UNSPECIFIED: ServiceCommand.ValueType  # 0
+SERVICE_COMMAND_STOP: ServiceCommand.ValueType  # 1
+SERVICE_COMMAND_RESTART: ServiceCommand.ValueType  # 2
+SERVICE_COMMAND_QUIESCE: ServiceCommand.ValueType  # 3
+Global___ServiceCommand: _TypeAlias = ServiceCommand  # noqa: Y015
+
+class _ServiceCommandOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceCommandOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceCommandOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_COMMAND_OUTCOME_UNSPECIFIED: _ServiceCommandOutcome.ValueType  # 0
+    SERVICE_COMMAND_OUTCOME_DONE: _ServiceCommandOutcome.ValueType  # 1
+    """Done: every backend of the service stopped (or acked the quiesce)."""
+    SERVICE_COMMAND_OUTCOME_UNKNOWN_SERVICE: _ServiceCommandOutcome.ValueType  # 2
+    """No definition and no backend of that name."""
+    SERVICE_COMMAND_OUTCOME_INCOMPLETE: _ServiceCommandOutcome.ValueType  # 3
+    """Done in part: a backend did not end in time, or did not ack."""
+    SERVICE_COMMAND_OUTCOME_BAD_REQUEST: _ServiceCommandOutcome.ValueType  # 4
+    """A command this broker does not know, or a malformed name."""
+
+class ServiceCommandOutcome(_ServiceCommandOutcome, metaclass=_ServiceCommandOutcomeEnumTypeWrapper): ...
+
+SERVICE_COMMAND_OUTCOME_UNSPECIFIED: ServiceCommandOutcome.ValueType  # 0
+SERVICE_COMMAND_OUTCOME_DONE: ServiceCommandOutcome.ValueType  # 1
+"""Done: every backend of the service stopped (or acked the quiesce)."""
+SERVICE_COMMAND_OUTCOME_UNKNOWN_SERVICE: ServiceCommandOutcome.ValueType  # 2
+"""No definition and no backend of that name."""
+SERVICE_COMMAND_OUTCOME_INCOMPLETE: ServiceCommandOutcome.ValueType  # 3
+"""Done in part: a backend did not end in time, or did not ack."""
+SERVICE_COMMAND_OUTCOME_BAD_REQUEST: ServiceCommandOutcome.ValueType  # 4
+"""A command this broker does not know, or a malformed name."""
+Global___ServiceCommandOutcome: _TypeAlias = ServiceCommandOutcome  # noqa: Y015
+
+class _StreamSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_SOURCE_UNSPECIFIED: _StreamSource.ValueType  # 0
+    STREAM_SOURCE_EVENTS: _StreamSource.ValueType  # 1
+    STREAM_SOURCE_BACKEND_OUTPUT: _StreamSource.ValueType  # 2
+
+class StreamSource(_StreamSource, metaclass=_StreamSourceEnumTypeWrapper): ...
+
+STREAM_SOURCE_UNSPECIFIED: StreamSource.ValueType  # 0
+STREAM_SOURCE_EVENTS: StreamSource.ValueType  # 1
+STREAM_SOURCE_BACKEND_OUTPUT: StreamSource.ValueType  # 2
+Global___StreamSource: _TypeAlias = StreamSource  # noqa: Y015
+
+class _StreamEndReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamEndReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_END_REASON_UNSPECIFIED: _StreamEndReason.ValueType  # 0
+    STREAM_END_REASON_HISTORY_SENT: _StreamEndReason.ValueType  # 1
+    """Without follow: the history has been sent."""
+    STREAM_END_REASON_BROKER_STOPPING: _StreamEndReason.ValueType  # 2
+    STREAM_END_REASON_UNKNOWN_SERVICE: _StreamEndReason.ValueType  # 3
+    STREAM_END_REASON_BAD_REQUEST: _StreamEndReason.ValueType  # 4
+    STREAM_END_REASON_TOO_SLOW: _StreamEndReason.ValueType  # 5
+    """The follower did not read for too long."""
+
+class StreamEndReason(_StreamEndReason, metaclass=_StreamEndReasonEnumTypeWrapper): ...
+
+STREAM_END_REASON_UNSPECIFIED: StreamEndReason.ValueType  # 0
+STREAM_END_REASON_HISTORY_SENT: StreamEndReason.ValueType  # 1
+"""Without follow: the history has been sent."""
+STREAM_END_REASON_BROKER_STOPPING: StreamEndReason.ValueType  # 2
+STREAM_END_REASON_UNKNOWN_SERVICE: StreamEndReason.ValueType  # 3
+STREAM_END_REASON_BAD_REQUEST: StreamEndReason.ValueType  # 4
+STREAM_END_REASON_TOO_SLOW: StreamEndReason.ValueType  # 5
+"""The follower did not read for too long."""
+Global___StreamEndReason: _TypeAlias = StreamEndReason  # noqa: Y015
+
 @_typing.final
 class LifecycleMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -80,6 +174,11 @@ class LifecycleMessage(_message.Message):
     BROADCAST_ACK_FIELD_NUMBER: _builtins.int
     BROADCAST_REQUEST_FIELD_NUMBER: _builtins.int
     BROADCAST_REPORT_FIELD_NUMBER: _builtins.int
+    SERVICE_COMMAND_FIELD_NUMBER: _builtins.int
+    SERVICE_COMMAND_REPORT_FIELD_NUMBER: _builtins.int
+    STREAM_REQUEST_FIELD_NUMBER: _builtins.int
+    STREAM_RECORD_FIELD_NUMBER: _builtins.int
+    STREAM_END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ready(self) -> Global___BackendReady: ...
     @_builtins.property
@@ -92,6 +191,16 @@ class LifecycleMessage(_message.Message):
     def broadcast_request(self) -> Global___BroadcastRequest: ...
     @_builtins.property
     def broadcast_report(self) -> Global___BroadcastReport: ...
+    @_builtins.property
+    def service_command(self) -> Global___ServiceCommandRequest: ...
+    @_builtins.property
+    def service_command_report(self) -> Global___ServiceCommandReport: ...
+    @_builtins.property
+    def stream_request(self) -> Global___StreamRequest: ...
+    @_builtins.property
+    def stream_record(self) -> Global___StreamRecord: ...
+    @_builtins.property
+    def stream_end(self) -> Global___StreamEnd: ...
     def __init__(
         self,
         *,
@@ -101,12 +210,17 @@ class LifecycleMessage(_message.Message):
         broadcast_ack: Global___BroadcastAck | None = ...,
         broadcast_request: Global___BroadcastRequest | None = ...,
         broadcast_report: Global___BroadcastReport | None = ...,
+        service_command: Global___ServiceCommandRequest | None = ...,
+        service_command_report: Global___ServiceCommandReport | None = ...,
+        stream_request: Global___StreamRequest | None = ...,
+        stream_record: Global___StreamRecord | None = ...,
+        stream_end: Global___StreamEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "body", b"body", "broadcast", b"broadcast", "broadcast_ack", b"broadcast_ack", "broadcast_report", b"broadcast_report", "broadcast_request", b"broadcast_request", "ready", b"ready"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "body", b"body", "broadcast", b"broadcast", "broadcast_ack", b"broadcast_ack", "broadcast_report", b"broadcast_report", "broadcast_request", b"broadcast_request", "ready", b"ready", "service_command", b"service_command", "service_command_report", b"service_command_report", "stream_end", b"stream_end", "stream_record", b"stream_record", "stream_request", b"stream_request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "body", b"body", "broadcast", b"broadcast", "broadcast_ack", b"broadcast_ack", "broadcast_report", b"broadcast_report", "broadcast_request", b"broadcast_request", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "body", b"body", "broadcast", b"broadcast", "broadcast_ack", b"broadcast_ack", "broadcast_report", b"broadcast_report", "broadcast_request", b"broadcast_request", "ready", b"ready", "service_command", b"service_command", "service_command_report", b"service_command_report", "stream_end", b"stream_end", "stream_record", b"stream_record", "stream_request", b"stream_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ready", "activity", "broadcast", "broadcast_ack", "broadcast_request", "broadcast_report"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["ready", "activity", "broadcast", "broadcast_ack", "broadcast_request", "broadcast_report", "service_command", "service_command_report", "stream_request", "stream_record", "stream_end"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -322,3 +436,187 @@ class BroadcastReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BroadcastReport: _TypeAlias = BroadcastReport  # noqa: Y015
+
+@_typing.final
+class ServiceCommandRequest(_message.Message):
+    """Operator -> broker: act on every backend of one service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    service_name: _builtins.str
+    command: Global___ServiceCommand.ValueType
+    timeout_ms: _builtins.int
+    """stop/restart: SIGTERM, then SIGKILL this much later, ms (0: the broker's
+    drain timeout). quiesce: the ACK wait, ms (0: the broker's default).
+    """
+    def __init__(
+        self,
+        *,
+        service_name: _builtins.str = ...,
+        command: Global___ServiceCommand.ValueType = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "service_name", b"service_name", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceCommandRequest: _TypeAlias = ServiceCommandRequest  # noqa: Y015
+
+@_typing.final
+class ServiceCommandReport(_message.Message):
+    """Broker -> operator: what the command did, typed outcome plus a JSON document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    outcome: Global___ServiceCommandOutcome.ValueType
+    json: _builtins.str
+    def __init__(
+        self,
+        *,
+        outcome: Global___ServiceCommandOutcome.ValueType = ...,
+        json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceCommandReport: _TypeAlias = ServiceCommandReport  # noqa: Y015
+
+@_typing.final
+class StreamRequest(_message.Message):
+    """Operator -> broker: stream lifecycle events or one service's backend output.
+    The broker answers with StreamRecord frames (the kept history first), then,
+    with follow, live records until the operator hangs up or the broker stops,
+    then one StreamEnd.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    source: Global___StreamSource.ValueType
+    service_name: _builtins.str
+    """SOURCE_BACKEND_OUTPUT: the service whose backends' lines are streamed."""
+    follow: _builtins.bool
+    def __init__(
+        self,
+        *,
+        source: Global___StreamSource.ValueType = ...,
+        service_name: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "service_name", b"service_name", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
+
+@_typing.final
+class StreamRecord(_message.Message):
+    """Broker -> operator: one streamed record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_JSON_FIELD_NUMBER: _builtins.int
+    OUTPUT_LINE_FIELD_NUMBER: _builtins.int
+    DROPPED_BEFORE_FIELD_NUMBER: _builtins.int
+    event_json: _builtins.str
+    """One lifecycle event as its JSON document."""
+    dropped_before: _builtins.int
+    """Records lost just before this one because the follower fell behind."""
+    @_builtins.property
+    def output_line(self) -> Global___BackendOutputLine: ...
+    def __init__(
+        self,
+        *,
+        event_json: _builtins.str = ...,
+        output_line: Global___BackendOutputLine | None = ...,
+        dropped_before: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_json", b"event_json", "output_line", b"output_line", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_before", b"dropped_before", "event_json", b"event_json", "output_line", b"output_line", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["event_json", "output_line"]  # noqa: Y015
+    _WhichOneofArgType_record: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_record) -> _WhichOneofReturnType_record | None: ...
+
+Global___StreamRecord: _TypeAlias = StreamRecord  # noqa: Y015
+
+@_typing.final
+class BackendOutputLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    SERVICE_VERSION_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    service_name: _builtins.str
+    service_version: _builtins.str
+    pid: _builtins.int
+    stream: _builtins.str
+    """"stdout" or "stderr"."""
+    text: _builtins.str
+    at_unix_ms: _builtins.int
+    truncated: _builtins.bool
+    def __init__(
+        self,
+        *,
+        service_name: _builtins.str = ...,
+        service_version: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        stream: _builtins.str = ...,
+        text: _builtins.str = ...,
+        at_unix_ms: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "pid", b"pid", "service_name", b"service_name", "service_version", b"service_version", "stream", b"stream", "text", b"text", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackendOutputLine: _TypeAlias = BackendOutputLine  # noqa: Y015
+
+@_typing.final
+class StreamEnd(_message.Message):
+    """Broker -> operator: the stream is over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    reason: Global___StreamEndReason.ValueType
+    dropped: _builtins.int
+    """Records this follower lost in all."""
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: Global___StreamEndReason.ValueType = ...,
+        dropped: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "dropped", b"dropped", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEnd: _TypeAlias = StreamEnd  # noqa: Y015
