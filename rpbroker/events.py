@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from rpbroker._dropping_queue import DroppingQueue
 from rpbroker.logfmt import KeyValues
 
 logger = logging.getLogger("rpbroker.events")
@@ -116,24 +117,18 @@ class EventSubscription:
 
     def __init__(self, log: EventLog) -> None:
         self._log = log
-        self._queue: collections.deque[LifecycleEvent] = collections.deque()
-        self._unreported = 0
-        self._wakeup = trio.Event()
-        self._closed = False
-        #: Events this subscriber lost by falling behind, in all.
-        self.dropped = 0
+        self._queue: DroppingQueue[LifecycleEvent] = DroppingQueue(SUBSCRIBER_BUFFER)
+
+    @property
+    def dropped(self) -> int:
+        """Events this subscriber lost by falling behind, in all."""
+        return self._queue.dropped
 
     def _push(self, event: LifecycleEvent) -> None:
-        if len(self._queue) >= SUBSCRIBER_BUFFER:
-            self._queue.popleft()
-            self.dropped += 1
-            self._unreported += 1
-        self._queue.append(event)
-        self._wakeup.set()
+        self._queue.push(event)
 
     def _end(self) -> None:
-        self._closed = True
-        self._wakeup.set()
+        self._queue.end()
 
     def __aiter__(self) -> EventSubscription:
         return self
@@ -143,24 +138,17 @@ class EventSubscription:
 
         Cancellation: just stops waiting; no event is lost.
         """
-        if self._queue:
-            await trio.lowlevel.checkpoint()
-        while not self._queue:
-            if self._closed:
-                raise StopAsyncIteration
-            self._wakeup = trio.Event()
-            # Woken with an event queued, it is returned without another
-            # checkpoint: an event that woke the reader is never lost to a cancel.
-            await self._wakeup.wait()
-        if self._unreported:
-            lost, self._unreported = self._unreported, 0
+        if not await self._queue.wait():
+            raise StopAsyncIteration
+        lost = self._queue.take_unreported()
+        if lost:
             return LifecycleEvent(
                 kind=EventKind.EVENTS_DROPPED,
                 at_unix_ms=int(time.time() * 1000),
                 reason=f"this subscriber fell behind and lost {lost} events",
                 details={"dropped": lost},
             )
-        return self._queue.popleft()
+        return self._queue.pop()
 
     def close(self) -> None:
         """Unsubscribe now (idempotent); buffered events can still be read."""

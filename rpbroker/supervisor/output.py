@@ -29,6 +29,7 @@ import attrs
 import trio
 
 import transports
+from rpbroker._dropping_queue import DroppingQueue
 from rpbroker.logfmt import KeyValues
 
 logger = logging.getLogger("rpbroker.backend")
@@ -156,29 +157,22 @@ class LineFollower:
     def __init__(self, log: OutputLog, service_name: str) -> None:
         self._log = log
         self.service_name = service_name
-        self._queue: collections.deque[OutputLine] = collections.deque()
-        self._wakeup = trio.Event()
-        self._closed = False
-        self._unreported = 0
-        #: Lines this follower lost by falling behind, in all.
-        self.dropped = 0
+        self._queue: DroppingQueue[OutputLine] = DroppingQueue(FOLLOWER_BUFFER)
+
+    @property
+    def dropped(self) -> int:
+        """Lines this follower lost by falling behind, in all."""
+        return self._queue.dropped
 
     def _push(self, line: OutputLine) -> None:
-        if len(self._queue) >= FOLLOWER_BUFFER:
-            self._queue.popleft()
-            self.dropped += 1
-            self._unreported += 1
-        self._queue.append(line)
-        self._wakeup.set()
+        self._queue.push(line)
 
     def _end(self) -> None:
-        self._closed = True
-        self._wakeup.set()
+        self._queue.end()
 
     def take_dropped(self) -> int:
         """Lines lost since the last call (and reset the count)."""
-        lost, self._unreported = self._unreported, 0
-        return lost
+        return self._queue.take_unreported()
 
     def __aiter__(self) -> LineFollower:
         return self
@@ -188,14 +182,7 @@ class LineFollower:
 
         Cancellation: just stops waiting; no line is lost.
         """
-        if self._queue:
-            await trio.lowlevel.checkpoint()
-        while not self._queue:
-            if self._closed:
-                raise StopAsyncIteration
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        return self._queue.popleft()
+        return await self._queue.get()
 
     def close(self) -> None:
         """Stop following now (idempotent)."""
