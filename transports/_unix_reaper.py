@@ -53,7 +53,9 @@ What it does not do: follow a process that leaves its group (``setsid``,
 of a process that ``fork``s without ``exec`` while a group is watched (the fork
 inherits the write end, so the reaper sees end of file only when both are gone).
 If the reaper itself is killed, it is noticed at the next watch or forget and
-replaced, and the new one is told every group still watched.
+replaced, and the new one is told every group still watched; a record written in
+the instant between the kill and the reaper's death is taken by the dying reaper,
+so that one change is covered only from the next one on.
 """
 
 # ruff: noqa: E402
