@@ -12,7 +12,8 @@ then the testing kit's fakes under ``MockClock`` (adopt, reject, never-ack).
 After every run: the coordinator holds no token and no pending ACK, the link no
 waiting reply, and this process no new descriptor or task. Every attempt is
 announced exactly once (a HANDOFF_COMPLETED or HANDOFF_FALLBACK event), and a
-cancelled one as ``cancelled``, which the failed-attempt budget does not charge:
+cancelled one as ``cancelled`` (unless the backend's answer reached the broker
+first), which the failed-attempt budget does not charge:
 with an adopting backend, after all the sweep's cancelled attempts (far more
 than the budget's 8), a normal connect still gets the handoff route. An
 uncancelled attempt ends as the backend decides (completed and the connection
@@ -247,6 +248,15 @@ async def sweep_one_attempt(
         checks=checks,
         settle=broker.wait_connections_closed,
     )
+    # Attempts cancelled before their first checkpoint, one more than the whole
+    # failed-attempt budget: nothing has reached the backend, so each is
+    # announced as cancelled, whatever the machine's load.
+    if not kind.adopts:
+        await fresh_coordinator()
+    for _ in range(DEFAULT_MAX_FAILED_ATTEMPTS + 1):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await one_attempt()
     events = [
         e
         for e in broker.recent_events()[mark:]
@@ -257,10 +267,11 @@ async def sweep_one_attempt(
     )
     # Every attempt was announced exactly once. A cancelled one is announced as
     # cancelled unless the backend's answer was recorded before the cut reached
-    # it (the first result wins); no other failure comes from a cancellation,
-    # so the budget is charged only for the backend's own.
+    # it (the first result wins: on a busy machine a real backend's answer can
+    # win every sampled cut after the offer went out); no other failure comes
+    # from a cancellation, so the budget is charged only for the backend's own.
     assert len(events) == len(ledger.returned) + ledger.cancelled
-    assert 0 < failures[AttemptFailure.CANCELLED] <= ledger.cancelled
+    assert DEFAULT_MAX_FAILED_ATTEMPTS < failures[AttemptFailure.CANCELLED] <= ledger.cancelled
     assert set(failures) <= {AttemptFailure.CANCELLED, kind.uncut_failure}, failures
     # The uncut runs (the warm-up and the last) ended as the backend decides.
     for outcome in (ledger.returned[0], ledger.returned[-1]):
@@ -270,13 +281,9 @@ async def sweep_one_attempt(
             assert isinstance(outcome, HandoffFellBack), outcome
             assert outcome.failure is kind.uncut_failure, outcome
     if kind.adopts:
-        # Cancelled attempts are not charged: after the sweep's, one more than the
-        # whole budget, cancelled at their first checkpoint, and a normal connect
-        # still gets the handoff route.
-        for _ in range(DEFAULT_MAX_FAILED_ATTEMPTS + 1):
-            with trio.CancelScope() as scope:
-                scope.cancel()
-                await one_attempt()
+        # Cancelled attempts are not charged: after all of them (the sweep's and
+        # more than the whole budget's at their first checkpoint) a normal
+        # connect still gets the handoff route.
         async with rpbroker.connect(
             "svc", "1.0.0", broker=broker.socket_path, hello_skip=False
         ) as stream:
