@@ -426,6 +426,11 @@ async def test_a_new_broker_removes_only_the_dead_endpoints_of_a_sigkilled_one(
                 [row] = (await cli_json("status", "--socket", first.socket))["backends"]
                 stale, backend = Path(row["backend_pipe"]), row["pid"]
                 pidfd = os.pidfd_open(backend)
+                # Broker and backend die at the same instant (a stopped backend
+                # runs no code; the broker's death signal kills it anyway):
+                # otherwise the backend can see its control channel close before
+                # that signal arrives and tidy its endpoint away itself.
+                os.kill(backend, signal.SIGSTOP)
                 first.process.kill()
                 await first.process.wait()
                 await trio.lowlevel.wait_readable(pidfd)  # the backend died with its broker
