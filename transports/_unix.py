@@ -14,6 +14,7 @@ Each concept lives in its own module:
 - ``_unix_control``: the framed broker-to-backend socketpair;
 - ``_unix_spawn``: children in their own process group with a parent-death signal;
 - ``_unix_fds``: descriptor counting, listing and closing helpers;
+- ``_unix_nowait``: reading, writing and closing a connection without waiting;
 - ``_unix_children``: this process's unreaped children, from ``/proc``;
 - ``_unix_systemd``: the socket systemd passes and the ``sd_notify`` messages.
 - ``_unix_reaper`` / ``_unix_reaper_program``: the helper process that kills those
@@ -50,6 +51,7 @@ from transports._unix_listen import (
     open_listener,
     remove_stale_backend_endpoints,
 )
+from transports._unix_nowait import close_now, receive_now, send_now
 from transports._unix_paths import (
     SUN_PATH_MAX_BYTES,
     broker_endpoint,
@@ -84,6 +86,7 @@ __all__ = [
     "check_backend_endpoint_room",
     "check_endpoint_name",
     "clear_stale_endpoint",
+    "close_now",
     "connect",
     "connect_blocking",
     "current_user",
@@ -98,8 +101,10 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "read_private_file",
+    "receive_now",
     "remove_stale_backend_endpoints",
     "runtime_dir",
+    "send_now",
     "service_notifier",
     "short_temp_dir",
     "spawn_child",

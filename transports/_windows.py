@@ -401,6 +401,7 @@ __all__ = [
     "check_backend_endpoint_room",
     "check_endpoint_name",
     "clear_stale_endpoint",
+    "close_now",
     "connect",
     "connect_blocking",
     "NoServiceManager",
@@ -417,8 +418,10 @@ __all__ = [
     "open_listener",
     "peer_identity",
     "read_private_file",
+    "receive_now",
     "remove_stale_backend_endpoints",
     "runtime_dir",
+    "send_now",
     "service_notifier",
     "set_default_transport",
     "short_temp_dir",
@@ -428,6 +431,24 @@ __all__ = [
     "verify_private_dir",
     "wait_peer_closed",
 ]
+
+
+def receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
+    """Not available on named pipes here: always ``None`` (nothing taken).
+
+    The broker then reads the Hello in the connection's task, as it would anyway.
+    """
+    return None
+
+
+def send_now(stream: trio.abc.Stream, data: bytes) -> int:
+    """Not available on named pipes here: always ``0`` (nothing written)."""
+    return 0
+
+
+def close_now(stream: trio.abc.Stream) -> bool:
+    """Not available on named pipes here: always ``False`` (use ``aclose``)."""
+    return False
 
 
 async def wait_peer_closed(stream: trio.abc.Stream) -> bool:
