@@ -1,11 +1,15 @@
 """The broker: accept loop, the Hello path, admin dispatch, graceful shutdown.
 
-What this module does: binds the broker endpoint and serves every connection in
-its own task (nothing a peer sends can stop the accept loop). For each one it
-checks the kernel's peer identity before reading, reads exactly one frame under
-an absolute deadline, and routes it: admin (``0xAD01``), operator requests on
-rpbroker's lifecycle lane (``operator_lane``: broadcasts, one service's stop,
-restart or quiesce, event and backend-output streams), or a Hello, which goes through shape
+What this module does: binds the broker endpoint and serves every connection
+(nothing a peer sends can stop the accept loop). For each one it checks the
+kernel's peer identity before reading, reads exactly one frame under an absolute
+deadline, and routes it. A Hello whose bytes are already in the socket and whose
+answer needs no waiting (a refusal, or ``Negotiated`` for a ready backend without
+a handoff) is answered inside the accept loop's own step, with no task; every
+other connection continues in a task of its own from where that step left it.
+Frames are routed to admin (``0xAD01``), to operator requests on rpbroker's
+lifecycle lane (``operator_lane``: broadcasts, one service's stop, restart or
+quiesce, event and backend-output streams), or to the Hello path: shape
 validation, the per-peer rate limit, the service definition (re-read on every
 Hello), the version policy, the backend supervisor (find or spawn) and finally a
 ``Negotiated`` or ``Refused`` reply echoing ``request_id`` and the trace context,
@@ -13,7 +17,7 @@ followed by a handoff attempt when both sides want one. It also owns graceful
 shutdown and the embedding API (``open_broker``, ``serve_broker``).
 
 What it does not do: policy arithmetic (``rpbroker.policy``), process and
-control-channel management (``rpbroker.backends``), the handoff attempt itself
+control-channel management (``rpbroker.supervisor``), the handoff attempt itself
 (``rpbroker.handoff``), verb rendering (``rpbroker.admin``), or anything platform
 specific (``transports``).
 """
@@ -24,10 +28,11 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
 import transports
@@ -58,6 +63,7 @@ from rpbroker.services import (
     ServiceSpec,
     refusal_for,
 )
+from rpbroker.streams import PrefixedStream
 from rpbroker.supervisor import BackendKey, BackendRegistry, Incarnation
 from rpbroker.supervisor.incarnation import REAP_TIMEOUT_S
 from rpbroker.wire import Frame, Hello, HelloReply, Negotiated, Refused
@@ -74,10 +80,12 @@ from rpbroker.wire.frames import (
     response_to,
 )
 from rpbroker.wire.framing import (
+    FRAME_HEADER_BYTES,
     MAX_HELLO_BYTES,
     BadFramingByte,
     FrameTooLarge,
     FramingError,
+    parse_header,
     read_frame_body,
 )
 from rpbroker.wire.protocols import PayloadProtocol
@@ -99,6 +107,63 @@ _ENVELOPE_REFUSALS = {
     ),
     EnvelopeFault.ENCODING: (RefusalCode.PEER_REJECTED, "Hello payload must not be compressed"),
 }
+
+
+def _nothing() -> None:
+    """Nothing to record."""
+
+
+@attrs.frozen
+class _Answer:
+    """A Hello's last write: ``data``, then ``record`` (metrics and events)."""
+
+    data: bytes
+    record: Callable[[], None]
+
+
+@attrs.frozen
+class _AwaitBackend:
+    """An admitted Hello whose backend is not routable yet: wait for it."""
+
+    frame: Frame
+    hello: Hello
+    pid: int
+    key: BackendKey
+    spec: ServiceSpec
+    started: float
+
+
+@attrs.frozen
+class _Deliver:
+    """A negotiated Hello to hand off as ``plan`` says."""
+
+    frame: Frame
+    hello: Hello
+    backend: Incarnation
+    connection_id: int
+    plan: HandoffPlan
+
+
+@attrs.frozen
+class _Begun:
+    """How far ``Broker._serve_now`` took a connection before its task takes over.
+
+    ``peer`` is ``None`` for a connection that only needs closing; ``first`` is the
+    first frame (or its refusal), or the bytes of it already taken from the socket;
+    ``step`` is where an admitted Hello stands.
+    """
+
+    peer: transports.PeerIdentity | None
+    first: Frame | Refusal | bytes = b""
+    step: _Answer | _AwaitBackend | _Deliver | None = None
+
+
+def _decoded_first_frame(body: bytes) -> Frame | Refusal:
+    """The first frame of a connection, or the refusal of a malformed one."""
+    try:
+        return decode_frame(body)
+    except MalformedMessage:
+        return Refusal(RefusalCode.PEER_REJECTED, "malformed broker Frame")
 
 
 def refusal_reply(refusal: Refusal) -> bytes:
@@ -341,12 +406,54 @@ class Broker:
                 return
             if self.fd_guard.on_accept_ok():
                 self.events.emit(EventKind.FD_PRESSURE_CLEARED)
-            nursery.start_soon(self._serve_connection, stream, trio.current_time())
+            accepted_at = trio.current_time()
+            begun = self._serve_now(stream)
+            if begun is not None:
+                nursery.start_soon(self._serve_connection, stream, accepted_at, begun)
 
     # -- one connection ------------------------------------------------------------------
 
-    async def _serve_connection(self, stream: trio.abc.Stream, accepted_at: float) -> None:
-        """Serve one connection; whatever it raises affects it alone.
+    def _serve_now(self, stream: trio.abc.Stream) -> _Begun | None:
+        """Serve what can be served without waiting; what is left for the connection's task.
+
+        Runs in the accept loop's own step: the peer check, then, when the first
+        frame is already in the socket, a Hello whose answer needs no waiting (a
+        refusal, or ``Negotiated`` for a ready backend without a handoff) is
+        answered and the connection closed here, with no task of its own. Returns
+        ``None`` when the connection is finished, else where its task takes over.
+        Whatever this raises is handled as in the task: it affects this
+        connection alone.
+        """
+        begun = _Begun(None)
+        try:
+            peer = self._checked_peer(stream)
+            if peer is None:
+                return None if transports.close_now(stream) else begun
+            begun = _Begun(peer)
+            first = self._first_frame_now(stream)
+            if not isinstance(first, Frame) or first.payload_protocol != PayloadProtocol.CONTROL:
+                return _Begun(peer, first)
+            step = self._hello_step(first, peer, trio.current_time())
+            if not isinstance(step, _Answer):
+                return _Begun(peer, first, step)
+            try:
+                sent = transports.send_now(stream, step.data)
+            except trio.BrokenResourceError:
+                step.record()  # decided, as when the task's write fails
+                raise
+            if sent < len(step.data):
+                return _Begun(peer, first, attrs.evolve(step, data=step.data[sent:]))
+            step.record()
+        except (trio.BrokenResourceError, OSError) as exc:
+            logger.debug("connection ended: %s", exc)
+        except Exception as exc:
+            self._connection_failed(exc)
+        return None if transports.close_now(stream) else _Begun(None)
+
+    async def _serve_connection(
+        self, stream: trio.abc.Stream, accepted_at: float, begun: _Begun
+    ) -> None:
+        """Serve one connection from where ``_serve_now`` left it; it affects it alone.
 
         Cancellation: the connection is closed; nothing else is touched.
         """
@@ -354,15 +461,12 @@ class Broker:
         if self._no_connections.is_set():
             self._no_connections = trio.Event()
         try:
-            await self._handle_connection(stream, accepted_at)
+            if begun.peer is not None:
+                await self._handle_connection(stream, accepted_at, begun)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             logger.debug("connection ended: %s", exc)
         except Exception as exc:
-            # The per-connection exception boundary: log with the traceback, count,
-            # close this connection only. Every other client is unaffected.
-            self.metrics.connection_error()
-            logger.exception("error serving a connection; closing it alone")
-            self.events.emit(EventKind.CONNECTION_FAILED, reason=f"{type(exc).__name__}: {exc}")
+            self._connection_failed(exc)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -370,12 +474,22 @@ class Broker:
             if self.connections_open == 0:
                 self._no_connections.set()
 
-    async def _handle_connection(self, stream: trio.abc.Stream, accepted_at: float) -> None:
+    def _connection_failed(self, exc: Exception) -> None:
+        """The per-connection exception boundary: log with the traceback, count.
+
+        The caller closes this connection only; every other client is unaffected.
+        """
+        self.metrics.connection_error()
+        logger.error("error serving a connection; closing it alone", exc_info=exc)
+        self.events.emit(EventKind.CONNECTION_FAILED, reason=f"{type(exc).__name__}: {exc}")
+
+    def _checked_peer(self, stream: trio.abc.Stream) -> transports.PeerIdentity | None:
+        """The kernel's identity of the peer, or ``None`` (announced) if it is refused."""
         try:
             peer = transports.peer_identity(stream)
         except transports.TransportError as exc:
             self.events.emit(EventKind.PEER_DROPPED, reason=f"peer identity unavailable: {exc}")
-            return
+            return None
         if peer.user != self._user:
             self.events.emit(
                 EventKind.PEER_DROPPED,
@@ -383,16 +497,54 @@ class Broker:
                 reason="credential policy refused a peer of another user",
                 peer_user=peer.user,
             )
-            return
-        with trio.CancelScope(deadline=accepted_at + self.config.hello_timeout_s) as scope:
-            first = await self._read_first_frame(stream)
-        if scope.cancelled_caught:
-            self.events.emit(
-                EventKind.PEER_DROPPED, pid=peer.pid, reason="no complete frame before the deadline"
-            )
-            return
-        if first is None:
-            return
+            return None
+        return peer
+
+    def _first_frame_now(self, stream: trio.abc.Stream) -> Frame | Refusal | bytes:
+        """The first frame if it is all in the socket already; else the bytes of it taken.
+
+        Takes the header, then (when its length is within the Hello cap) exactly
+        the body: never a byte past the frame. Anything short or malformed is left
+        to the task's reader (as the bytes taken so far), which waits for the rest
+        or refuses it with the reason.
+        """
+        header = transports.receive_now(stream, FRAME_HEADER_BYTES)
+        if not header:  # nothing yet, not a socket, or end of stream: the task sees which
+            return b""
+        if len(header) < FRAME_HEADER_BYTES:
+            return header
+        try:
+            length = parse_header(header, MAX_HELLO_BYTES)
+        except FramingError:
+            return header
+        body = transports.receive_now(stream, length) if length else b""
+        if body is None or len(body) < length:
+            return header + (body or b"")
+        return _decoded_first_frame(body)
+
+    async def _handle_connection(
+        self, stream: trio.abc.Stream, accepted_at: float, begun: _Begun
+    ) -> None:
+        assert begun.peer is not None
+        peer = begun.peer
+        first: Frame | Refusal | None
+        if isinstance(begun.first, bytes):
+            taken = begun.first
+            with trio.CancelScope(deadline=accepted_at + self.config.hello_timeout_s) as scope:
+                first = await self._read_first_frame(
+                    PrefixedStream(stream, taken) if taken else stream
+                )
+            if scope.cancelled_caught:
+                self.events.emit(
+                    EventKind.PEER_DROPPED,
+                    pid=peer.pid,
+                    reason="no complete frame before the deadline",
+                )
+                return
+            if first is None:
+                return
+        else:
+            first = begun.first
         if isinstance(first, Refusal):
             await self._send(
                 stream, response_frame(None, PayloadProtocol.CONTROL, refusal_reply(first))
@@ -409,7 +561,8 @@ class Broker:
                 self, first, stream, functools.partial(self._send, stream)
             )
             return
-        await self._hello(stream, first, peer)
+        step = begun.step or self._hello_step(first, peer, trio.current_time())
+        await self._finish_hello(stream, step)
 
     async def _read_first_frame(self, stream: trio.abc.Stream) -> Frame | Refusal | None:
         try:
@@ -422,10 +575,7 @@ class Broker:
             return Refusal(RefusalCode.PEER_REJECTED, "incomplete Hello frame")
         except (trio.BrokenResourceError, OSError):
             return None
-        try:
-            return decode_frame(body)
-        except MalformedMessage:
-            return Refusal(RefusalCode.PEER_REJECTED, "malformed broker Frame")
+        return _decoded_first_frame(body)
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> bool:
         with trio.move_on_after(REPLY_WRITE_TIMEOUT_S):
@@ -447,48 +597,80 @@ class Broker:
             code=refusal.code.name,
         )
 
-    async def _refuse(
-        self,
-        stream: trio.abc.Stream,
-        frame: Frame,
-        refusal: Refusal,
-        pid: int,
-        hello: Hello | None = None,
-    ) -> None:
-        await self._send(
-            stream, response_frame(frame, PayloadProtocol.CONTROL, refusal_reply(refusal))
-        )
-        self._refused(
-            refusal,
-            pid,
-            hello.service_name if hello is not None else "",
-            hello.wanted_version if hello is not None else "",
-        )
+    # -- the Hello path: each decision is a step, served now or in the task -----------
 
-    async def _hello(
-        self, stream: trio.abc.Stream, frame: Frame, peer: transports.PeerIdentity
-    ) -> None:
-        started = trio.current_time()
+    def _hello_step(
+        self, frame: Frame, peer: transports.PeerIdentity, started: float
+    ) -> _Answer | _AwaitBackend | _Deliver:
+        """Admit the Hello (SPEC §4 order) and take it as far as it goes without waiting."""
         hello, spec = self._admit(frame, peer)
         if isinstance(spec, Refusal):
-            await self._refuse(stream, frame, spec, peer.pid, hello)
-            return
+            return self._refusal(frame, spec, peer.pid, hello)
         assert hello is not None  # a service is only chosen for a decoded Hello
         key = BackendKey(spec.instance_id, hello.service_name, hello.wanted_version)
-        acquired = await self._acquire(key, spec, frame, stream)
-        if acquired is None:
-            self.events.emit(
-                EventKind.PEER_DROPPED,
-                service_name=hello.service_name,
-                service_version=hello.wanted_version,
-                pid=peer.pid,
-                reason="client left while its Hello waited for the backend",
-            )
+        running = self.backends.routable(key)
+        if running is None:
+            return _AwaitBackend(frame, hello, peer.pid, key, spec, started)
+        return self._negotiation(frame, hello, running, started)
+
+    def _refusal(self, frame: Frame, refusal: Refusal, pid: int, hello: Hello | None) -> _Answer:
+        """The refusal reply, recorded once it has been written (or could not be)."""
+        service = hello.service_name if hello is not None else ""
+        version = hello.wanted_version if hello is not None else ""
+        return _Answer(
+            response_frame(frame, PayloadProtocol.CONTROL, refusal_reply(refusal)),
+            functools.partial(self._refused, refusal, pid, service, version),
+        )
+
+    def _negotiation(
+        self, frame: Frame, hello: Hello, backend: Incarnation, started: float
+    ) -> _Answer | _Deliver:
+        """``Negotiated`` for ``backend``: the plain reply, or a handoff to deliver."""
+        connection_id = next(self._connection_ids)
+        backend.note_routed()
+        plan = self.handoff.plan(
+            client_opted_in=bool(hello.client_capabilities & Capability.HANDLE_PASSING),
+            backend=backend,
+            fd_pressure=self.fd_guard.demoted,
+            connection_id=connection_id,
+            hello_deadline_unix_ms=frame.deadline_unix_ms,
+            now=trio.current_time(),
+        )
+        self.metrics.hello(
+            hello.service_name, hello.wanted_version, "negotiated", trio.current_time() - started
+        )
+        if not isinstance(plan, HandoffPlan):
+            return _Answer(_negotiated_reply(frame, hello, backend, connection_id), _nothing)
+        return _Deliver(frame, hello, backend, connection_id, plan)
+
+    async def _finish_hello(
+        self, stream: trio.abc.Stream, step: _Answer | _AwaitBackend | _Deliver
+    ) -> None:
+        """Carry a Hello from ``step`` to its end: wait for the backend, reply, hand off.
+
+        Cancellation: a wait or a handoff in progress is abandoned (token revoked);
+        the caller closes the connection.
+        """
+        if isinstance(step, _AwaitBackend):
+            acquired = await self._acquire(step.key, step.spec, step.frame, stream)
+            if acquired is None:
+                self.events.emit(
+                    EventKind.PEER_DROPPED,
+                    service_name=step.hello.service_name,
+                    service_version=step.hello.wanted_version,
+                    pid=step.pid,
+                    reason="client left while its Hello waited for the backend",
+                )
+                return
+            if isinstance(acquired, Refusal):
+                step = self._refusal(step.frame, acquired, step.pid, step.hello)
+            else:
+                step = self._negotiation(step.frame, step.hello, acquired, step.started)
+        if isinstance(step, _Answer):
+            await self._send(stream, step.data)
+            step.record()
             return
-        if isinstance(acquired, Refusal):
-            await self._refuse(stream, frame, acquired, peer.pid, hello)
-            return
-        await self._negotiate(stream, frame, hello, acquired, started)
+        await self._deliver(stream, step)
 
     def _admit(
         self, frame: Frame, peer: transports.PeerIdentity
@@ -581,43 +763,20 @@ class Broker:
             NOT_READY_RETRY_AFTER_MS,
         )
 
-    async def _negotiate(
-        self,
-        stream: trio.abc.Stream,
-        frame: Frame,
-        hello: Hello,
-        backend: Incarnation,
-        started: float,
-    ) -> None:
-        """Reply ``Negotiated`` and, when the plan says so, hand the connection off.
+    async def _deliver(self, stream: trio.abc.Stream, step: _Deliver) -> None:
+        """Hand the connection off as ``step.plan`` says; on a fallback, tell the client.
 
-        Cancellation: a handoff in progress is abandoned (token revoked); the
+        Cancellation: the handoff in progress is abandoned (token revoked); the
         caller closes the connection.
         """
-        now = trio.current_time()
-        connection_id = next(self._connection_ids)
-        backend.note_routed()
-        plan = self.handoff.plan(
-            client_opted_in=bool(hello.client_capabilities & Capability.HANDLE_PASSING),
-            backend=backend,
-            fd_pressure=self.fd_guard.demoted,
-            connection_id=connection_id,
-            hello_deadline_unix_ms=frame.deadline_unix_ms,
-            now=now,
-        )
-        self.metrics.hello(
-            hello.service_name, hello.wanted_version, "negotiated", trio.current_time() - started
-        )
-        if not isinstance(plan, HandoffPlan):
-            await self._send(stream, _negotiated_reply(frame, hello, backend, connection_id))
-            return
-        reply = _negotiated_reply(frame, hello, backend, connection_id, plan)
+        frame, hello, backend, plan = step.frame, step.hello, step.backend, step.plan
+        reply = _negotiated_reply(frame, hello, backend, step.connection_id, plan)
         outcome = await self.handoff.deliver(plan, stream, backend, reply, self._stopping)
         if not isinstance(outcome, HandoffFellBack):
             return
         if outcome.writes is ClientWrites.NOTHING:
             # Nothing reached the client: give it the plain reconnect route.
-            await self._send(stream, _negotiated_reply(frame, hello, backend, connection_id))
+            await self._send(stream, _negotiated_reply(frame, hello, backend, step.connection_id))
         elif outcome.writes is ClientWrites.REPLY:
             # The reply went out but the connection never left the broker: say so
             # now, so the client falls back at once instead of at its deadline.
@@ -627,7 +786,7 @@ class Broker:
                     token=plan.token.raw,
                     accepted=False,
                     detail=outcome.detail,
-                    correlation_id=connection_id,
+                    correlation_id=step.connection_id,
                 ),
             )
 
