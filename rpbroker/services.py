@@ -105,6 +105,7 @@ load is the broker's.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
 import math
@@ -443,12 +444,12 @@ def _absolute(directory: os.PathLike[str] | str) -> Path:
     return Path(os.path.abspath(directory))
 
 
-def _check_directory(directory: Path) -> None:
+def _check_directory(directory: Path | str) -> None:
     """Apply the directory rule (one ``lstat``); raise a :class:`ServiceDirectoryError`."""
     try:
         transports.verify_private_dir(directory)
     except transports.InsecurePathError as exc:
-        raise _directory_error(directory, exc) from None
+        raise _directory_error(Path(directory), exc) from None
 
 
 def _directory_error(directory: Path, exc: transports.InsecurePathError) -> ServiceDirectoryError:
@@ -1058,11 +1059,17 @@ def load_service(directory: os.PathLike[str] | str, name: str) -> ServiceSpec:
 
 @attrs.frozen
 class _Verified:
-    """A definition that passed every rule, and the ``lstat`` signature it had."""
+    """A definition that passed every rule, and the ``lstat`` signature it had.
+
+    ``first_choice`` is the path as text when it is the definition tried first
+    (the TOML file): then nothing else can take precedence over it, and one
+    ``lstat`` of it tells whether it still holds.
+    """
 
     path: Path
     signature: tuple[int, ...]
     spec: ServiceSpec
+    first_choice: str | None
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
@@ -1084,6 +1091,7 @@ class ServiceCatalog:
 
     def __init__(self, directory: os.PathLike[str] | str) -> None:
         self._root = _absolute(directory)
+        self._root_text = os.fspath(self._root)
         self._verified: dict[str, _Verified] = {}
 
     @property
@@ -1095,10 +1103,19 @@ class ServiceCatalog:
 
         Raises what :func:`load_service` raises.
         """
-        if not is_valid_service_name(name):
+        verified = self._verified.get(name)  # only valid names are ever verified
+        if verified is not None and verified.first_choice is not None:
+            # The hot path (every Hello for a known service): the same two lstat
+            # calls as below, without building paths.
+            _check_directory(self._root_text)
+            with contextlib.suppress(OSError):  # gone or unreadable: the full path says which
+                if _signature(os.lstat(verified.first_choice)) == verified.signature:
+                    return verified.spec
+        elif not is_valid_service_name(name):
             raise InvalidServiceName(name)
-        _check_directory(self._root)
-        for path in _candidates(self._root, name):
+        else:
+            _check_directory(self._root_text)
+        for position, path in enumerate(_candidates(self._root, name)):
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -1115,7 +1132,8 @@ class ServiceCatalog:
             spec = _load_file(path, name, self._root)
             if spec is None:
                 continue  # removed since the lstat
-            self._verified[name] = _Verified(path, signature, spec)
+            first_choice = os.fspath(path) if position == 0 else None
+            self._verified[name] = _Verified(path, signature, spec, first_choice)
             return spec
         self._verified.pop(name, None)
         raise ServiceNotFound(self._root, name)
