@@ -424,12 +424,10 @@ class Broker:
         Whatever this raises is handled as in the task: it affects this
         connection alone.
         """
-        begun = _Begun(None)
         try:
             peer = self._checked_peer(stream)
             if peer is None:
-                return None if transports.close_now(stream) else begun
-            begun = _Begun(peer)
+                return None if transports.close_now(stream) else _Begun(None)
             first = self._first_frame_now(stream)
             if not isinstance(first, Frame) or first.payload_protocol != PayloadProtocol.CONTROL:
                 return _Begun(peer, first)
