@@ -1104,17 +1104,15 @@ class ServiceCatalog:
         Raises what :func:`load_service` raises.
         """
         verified = self._verified.get(name)  # only valid names are ever verified
+        if verified is None and not is_valid_service_name(name):
+            raise InvalidServiceName(name)
+        _check_directory(self._root_text)
         if verified is not None and verified.first_choice is not None:
-            # The hot path (every Hello for a known service): the same two lstat
-            # calls as below, without building paths.
-            _check_directory(self._root_text)
+            # The hot path (every Hello for a known service): the same lstat as
+            # below, without building paths.
             with contextlib.suppress(OSError):  # gone or unreadable: the full path says which
                 if _signature(os.lstat(verified.first_choice)) == verified.signature:
                     return verified.spec
-        elif not is_valid_service_name(name):
-            raise InvalidServiceName(name)
-        else:
-            _check_directory(self._root_text)
         for position, path in enumerate(_candidates(self._root, name)):
             try:
                 st = os.lstat(path)
