@@ -158,6 +158,26 @@ async def send_fd_with_token(
     return sent - HANDOFF_TOKEN_BYTES
 
 
+def send_to_fd_now(fd: int, data: bytes | memoryview) -> int:
+    """Write as much of ``data`` to the nonblocking stream socket ``fd`` as fits now.
+
+    Returns the number of bytes written, ``0`` when the buffer is full. Raises
+    ``trio.BrokenResourceError`` if the peer is gone (``MSG_NOSIGNAL``: a plain
+    write(2) would raise SIGPIPE in a process that has not ignored it).
+    """
+    # Family and type given: a bare socket(fileno=) would ask the kernel for them
+    # (three syscalls) on this hot path. Only AF_UNIX stream connections come here.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        return sock.send(data, SEND_FLAGS)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"client connection failed: {exc}") from exc
+    finally:
+        sock.detach()
+
+
 async def write_all_to_fd(fd: int, data: bytes) -> None:
     """Write ``data`` to the nonblocking stream socket ``fd``, waiting only when full.
 
@@ -170,19 +190,11 @@ async def write_all_to_fd(fd: int, data: bytes) -> None:
     """
     view = memoryview(data)
     sent = 0
-    # Family and type given: a bare socket(fileno=) would ask the kernel for them
-    # (three syscalls) on this hot path. Only AF_UNIX stream connections are passed.
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        while sent < len(view):
-            try:
-                sent += sock.send(view[sent:], SEND_FLAGS)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"client connection failed: {exc}") from exc
-    finally:
-        sock.detach()
+    while sent < len(view):
+        written = send_to_fd_now(fd, view[sent:])
+        if written == 0:
+            await trio.lowlevel.wait_writable(fd)
+        sent += written
 
 
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -23,27 +23,18 @@ import sys
 assert sys.platform != "win32", "transports._unix_nowait is part of the Unix transport"
 
 import os
-import socket
 
 import trio
 
-from transports._unix_fdpass import SEND_FLAGS
+from transports._unix_fdpass import send_to_fd_now
 
 
-def _socket_of(stream: trio.abc.Stream) -> socket.socket | None:
-    """A stdlib socket sharing ``stream``'s descriptor (detach it after use), or ``None``.
-
-    Needed to send with ``MSG_NOSIGNAL``: a plain write(2) to a peer that is gone
-    raises SIGPIPE in a process that has not ignored it.
-    """
+def _fd_of(stream: trio.abc.Stream) -> int | None:
+    """The descriptor of an open ``trio.SocketStream``; ``None`` for anything else."""
     if not isinstance(stream, trio.SocketStream):
         return None
     fd = stream.socket.fileno()
-    if fd < 0:
-        return None
-    # Family and type given: a bare socket(fileno=) asks the kernel for them (three
-    # syscalls) on this hot path. Accepted broker connections are AF_UNIX streams.
-    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+    return fd if fd >= 0 else None
 
 
 def receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
@@ -53,10 +44,8 @@ def receive_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
     socket stream (nothing was taken). Raises ``trio.BrokenResourceError`` when
     the connection failed (for example reset by the peer).
     """
-    if not isinstance(stream, trio.SocketStream):
-        return None
-    fd = stream.socket.fileno()
-    if fd < 0:
+    fd = _fd_of(stream)
+    if fd is None:
         return None
     try:
         # read(2) on a socket is recv(2) without flags; trio made it nonblocking.
@@ -74,17 +63,8 @@ def send_now(stream: trio.abc.Stream, data: bytes) -> int:
     ``0`` when the buffer is full or ``stream`` is not a socket stream. Raises
     ``trio.BrokenResourceError`` if the peer is gone (no SIGPIPE is raised).
     """
-    sock = _socket_of(stream)
-    if sock is None:
-        return 0
-    try:
-        return sock.send(data, SEND_FLAGS)
-    except BlockingIOError:
-        return 0
-    except OSError as exc:
-        raise trio.BrokenResourceError(f"connection failed: {exc}") from exc
-    finally:
-        sock.detach()
+    fd = _fd_of(stream)
+    return 0 if fd is None else send_to_fd_now(fd, data)
 
 
 def close_now(stream: trio.abc.Stream) -> bool:
