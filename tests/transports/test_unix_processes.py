@@ -709,7 +709,7 @@ def descriptors_beyond_stdio(pid: int) -> list[str]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:  # closed since the listing
             continue
-        if target.startswith("/") and target.startswith(own_files):
+        if target.startswith(own_files):
             continue
         targets.append(target)
     return targets
